@@ -1,0 +1,187 @@
+"""Datasets, class-balanced seeded subsets, transforms and loaders.
+
+Every image goes through one pipeline: (training only: pad-and-crop at the source resolution,
+horizontal flip) -> resize to the *model's* input size (bicubic) -> tensor -> the model's
+mean/std. The eval split can be decoded, resized and normalized once and kept in memory
+(``cache_eval``) so repeated evaluations (sweeps, per-epoch eval, benchmarks) are not bound by
+JPEG decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .config import DataConfig
+from .models import InputSpec
+from .progress import bar
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class _Digits(Dataset):
+    """scikit-learn's bundled handwritten digits (8x8, 1,797 images) as RGB PIL images.
+
+    The split is fixed: a stratified 75/25 train/test split with seed 0.
+    """
+
+    def __init__(self, train: bool, transform=None):
+        import numpy as np
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        idx = np.arange(len(d.target))
+        tr, te = train_test_split(idx, test_size=0.25, stratify=d.target, random_state=0)
+        keep = tr if train else te
+        self.images = (d.images[keep] * (255.0 / 16.0)).round().astype("uint8")  # (N, 8, 8)
+        self.targets = [int(t) for t in d.target[keep]]
+        self.classes = [str(i) for i in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.fromarray(self.images[i], mode="L").convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+class _PadCrop:
+    """RandomCrop at the image's own size after zero padding (CIFAR-style, any resolution)."""
+
+    def __init__(self, padding: int = 4):
+        self.padding = padding
+
+    def __call__(self, img):
+        from torchvision.transforms import RandomCrop
+
+        w, h = img.size
+        return RandomCrop((h, w), padding=self.padding)(img)
+
+
+def build_transform(spec: InputSpec, train: bool, augment: str = "none"):
+    """The torchvision transform for one split, sized and normalized for the model."""
+    from torchvision import transforms as T
+
+    ops = []
+    if train and augment in ("crop", "crop_flip"):
+        ops.append(_PadCrop(4))
+    if train and augment == "crop_flip":
+        ops.append(T.RandomHorizontalFlip())
+    interp = getattr(T.InterpolationMode, spec.interpolation.upper(), T.InterpolationMode.BICUBIC)
+    ops += [T.Resize((spec.height, spec.width), interpolation=interp), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(ops)
+
+
+def _split(cfg: DataConfig, train: bool, transform) -> Dataset:
+    """The full train or eval split (before subsetting) with ``targets`` and ``classes``."""
+    from torchvision.datasets import CIFAR10, ImageFolder
+
+    if cfg.kind == "digits":
+        return _Digits(train, transform)
+    if cfg.root is None:
+        raise ValueError(f"data.root is required for data.kind={cfg.kind}")
+    root = Path(cfg.root).expanduser()
+    if cfg.kind == "cifar10" and not (root / "train").is_dir():
+        return CIFAR10(str(root), train=train, transform=transform, download=cfg.download)
+    names = ["train"] if train else ["test", "val"]
+    for n in names:
+        if (root / n).is_dir():
+            return ImageFolder(str(root / n), transform=transform)
+    raise FileNotFoundError(f"data.root {root} has no {' or '.join(n + '/' for n in names)} folder")
+
+
+def balanced_subset(targets: list[int], n: int, seed: int) -> list[int]:
+    """Seeded class-balanced subset: ``n // classes`` per class (remainder to the first classes).
+
+    Returns sorted indices into ``targets``. Classes with too few images give all they have.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.as_tensor(targets)
+    classes = sorted(set(targets))
+    per, extra = divmod(n, len(classes))
+    out: list[int] = []
+    for j, c in enumerate(classes):
+        idx = torch.nonzero(t == c).flatten()
+        take = per + (1 if j < extra else 0)
+        out += idx[torch.randperm(len(idx), generator=g)[:take]].tolist()
+    return sorted(out)
+
+
+@dataclass
+class DataBundle:
+    """The train and eval splits of a recipe, subset and transformed for one model."""
+
+    cfg: DataConfig
+    spec: InputSpec
+    train: Dataset
+    eval: Dataset
+    classes: list[str]
+    subsets: dict[str, list[int] | None] = field(default_factory=dict)
+    _eval_cache: TensorDataset | None = None
+
+    def train_loader(self, seed: int, batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
+        """Shuffled training loader whose order depends only on ``seed``."""
+        return DataLoader(
+            self.train,
+            batch_size=batch_size or self.cfg.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=self.cfg.workers,
+            drop_last=drop_last,
+            persistent_workers=False,
+        )
+
+    def eval_dataset(self) -> Dataset:
+        """The eval split; decoded tensors held in memory when ``cache_eval``."""
+        if not self.cfg.cache_eval:
+            return self.eval
+        if self._eval_cache is None:
+            loader = DataLoader(self.eval, batch_size=256, num_workers=self.cfg.workers)
+            xs, ys = [], []
+            for x, y in bar(loader, desc="decode eval", unit="batch"):
+                xs.append(x)
+                ys.append(y)
+            self._eval_cache = TensorDataset(torch.cat(xs), torch.cat(ys))
+        return self._eval_cache
+
+    def eval_loader(self, batch_size: int | None = None) -> DataLoader:
+        bs = batch_size or self.cfg.eval_batch_size or self.cfg.batch_size
+        ds = self.eval_dataset()
+        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=0 if ds is self._eval_cache else self.cfg.workers)
+
+    def eval_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` eval images and labels as one batch (for parity checks)."""
+        ds = self.eval_dataset()
+        n = min(n, len(ds))
+        xs, ys = zip(*(ds[i] for i in range(n)))
+        return torch.stack(xs), torch.as_tensor(ys)
+
+
+def build_data(cfg: DataConfig, spec: InputSpec) -> DataBundle:
+    """Build the recipe's data for a model with input ``spec``.
+
+    Raises:
+        FileNotFoundError / RuntimeError: dataset missing (torchvision's message says how to
+            download).
+    """
+    train_full = _split(cfg, True, build_transform(spec, True, cfg.augment))
+    eval_full = _split(cfg, False, build_transform(spec, False))
+    subsets: dict[str, list[int] | None] = {"train": None, "eval": None}
+    train, ev = train_full, eval_full
+    if cfg.train_subset is not None and cfg.train_subset < len(train_full):
+        subsets["train"] = balanced_subset(list(train_full.targets), cfg.train_subset, cfg.subset_seed)
+        train = Subset(train_full, subsets["train"])
+    if cfg.eval_subset is not None and cfg.eval_subset < len(eval_full):
+        subsets["eval"] = balanced_subset(list(eval_full.targets), cfg.eval_subset, cfg.subset_seed + 1)
+        ev = Subset(eval_full, subsets["eval"])
+    classes = list(getattr(train_full, "classes", [])) or CIFAR10_CLASSES
+    return DataBundle(cfg=cfg, spec=spec, train=train, eval=ev, classes=classes, subsets=subsets)

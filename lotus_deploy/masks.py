@@ -1,0 +1,161 @@
+"""Masks: pure functions that compute them, one in-place function that applies them.
+
+A mask set is a ``dict[str, torch.BoolTensor]`` keyed by parameter name; ``True`` keeps a
+weight. Masks are computed without touching the model, so combining them (soups) is set algebra
+on dicts. ``apply_masks_`` (trailing underscore: in place) writes the zeros.
+
+Sparsity is always the fraction of *zeroed* weights among the weights in scope (0.3 = 30% zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Literal, Mapping
+
+import torch
+
+Masks = dict[str, torch.Tensor]
+
+
+
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float,
+    granularity: Literal["global", "per_layer"] = "global",
+    existing: Mapping[str, torch.Tensor] | None = None,
+) -> Masks:
+    """One-shot L1 magnitude masks that zero ``round(sparsity * n)`` weights.
+
+    Args:
+        weights: parameter name -> weight tensor (any shape).
+        sparsity: target fraction of zeros in [0, 1), over all weights (``global``) or within
+            each tensor (``per_layer``).
+        granularity: ``global`` ranks all weights together; ``per_layer`` ranks each tensor.
+        existing: masks already in force; weights they remove stay removed and count towards
+            the target (the result is a subset of ``existing``).
+
+    Returns:
+        Boolean masks (True = keep), exactly ``round(sparsity * n)`` zeros per group; ties at
+        the threshold are broken by position so the count is exact.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    existing = existing or {}
+
+    def scores(name: str, w: torch.Tensor) -> torch.Tensor:
+        s = w.detach().abs().float().flatten()
+        if name in existing:
+            s = torch.where(existing[name].flatten(), s, torch.full_like(s, -1.0))  # pruned first
+        return s
+
+    groups = [[n] for n in weights] if granularity == "per_layer" else [list(weights)]
+    out: Masks = {}
+    for names in groups:
+        flat = torch.cat([scores(n, weights[n]) for n in names]) if names else torch.empty(0)
+        n_zero = int(round(sparsity * flat.numel()))
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        if n_zero > 0:
+            # Stable ranking: argsort ascending, the first n_zero indices are pruned.
+            order = torch.argsort(flat, stable=True)
+            keep[order[:n_zero]] = False
+        offset = 0
+        for n in names:
+            numel = weights[n].numel()
+            out[n] = keep[offset : offset + numel].view(weights[n].shape).clone()
+            offset += numel
+    return out
+
+
+@torch.no_grad()
+def apply_masks_(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """Zero every masked weight of ``model`` in place; returns the model."""
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        p = params[name]
+        p.mul_(m.to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def union(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:
+    """Keep a weight if any mask set keeps it."""
+    return _reduce(mask_sets, torch.logical_or)
+
+
+def intersection(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:
+    """Keep a weight only if every mask set keeps it."""
+    return _reduce(mask_sets, torch.logical_and)
+
+
+def vote(*mask_sets: Mapping[str, torch.Tensor]) -> Masks:
+    """Keep a weight if a strict majority of mask sets keep it."""
+    _check_same_keys(mask_sets)
+    need = len(mask_sets) // 2 + 1
+    return {k: torch.stack([m[k] for m in mask_sets]).sum(0) >= need for k in mask_sets[0]}
+
+
+def _check_same_keys(mask_sets) -> None:
+    if not mask_sets:
+        raise ValueError("need at least one mask set")
+    keys = set(mask_sets[0])
+    for m in mask_sets[1:]:
+        if set(m) != keys:
+            raise ValueError(f"mask sets cover different parameters: {sorted(keys ^ set(m))}")
+
+
+def _reduce(mask_sets, op) -> Masks:
+    _check_same_keys(mask_sets)
+    out = {k: v.clone() for k, v in mask_sets[0].items()}
+    for m in mask_sets[1:]:
+        for k in out:
+            out[k] = op(out[k], m[k])
+    return out
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of weights the masks remove (0.0 for no masks)."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 0.0 if total == 0 else 1.0 - kept / total
+
+
+def hamming(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Normalized Hamming distance between two mask sets over the same parameters."""
+    _check_same_keys((a, b))
+    total = sum(m.numel() for m in a.values())
+    diff = sum(int((a[k] != b[k]).sum()) for k in a)
+    return diff / max(total, 1)
+
+
+def masks_hash(masks: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and bits; equal for equal mask sets."""
+    h = hashlib.sha256()
+    for k in sorted(masks):
+        m = masks[k].to("cpu", torch.bool).contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(m.shape)).encode())
+        h.update(m.numpy().tobytes())
+    return h.hexdigest()
+
+
+def weight_stats(model: torch.nn.Module, names: Iterable[str] | None = None) -> dict[str, float | int]:
+    """Parameter count, non-zero count and sparsity over ``names`` (all parameters if None)."""
+    params = dict(model.named_parameters())
+    keys = list(params) if names is None else list(names)
+    total = sum(params[k].numel() for k in keys)
+    nonzero = sum(int(torch.count_nonzero(params[k].detach())) for k in keys)
+    return {
+        "params": total,
+        "nonzeros": nonzero,
+        "sparsity": 0.0 if total == 0 else 1.0 - nonzero / total,
+    }
+
+
+def expected_zeros(sparsity: float, numel: int) -> int:
+    """How many weights a target sparsity removes from ``numel`` (the rounding masks use)."""
+    return int(round(sparsity * numel)) if numel else 0
+
+
+__all__ = [
+    "Masks", "magnitude_masks", "apply_masks_", "union", "intersection", "vote", "mask_sparsity",
+    "hamming", "masks_hash", "weight_stats", "expected_zeros",
+]

@@ -1,0 +1,284 @@
+"""Recipes: YAML -> validated pydantic model, with ``--set`` overrides and readable errors.
+
+``parse_recipe`` / ``load_recipe`` are the only ways in: they apply overrides, validate every
+field (all problems at once), then run the one cross-field check (:func:`cross_check`).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from . import stages as _stages  # noqa: F401  (registers every stage kind)
+from .config import BenchConfig, DataConfig, ExportConfig, ModelConfig, StageConfig, Strict
+from .registry import STAGES
+
+StageUnion = Annotated[
+    Union[tuple(entry.config_cls for entry in STAGES.values())],  # type: ignore[misc]
+    Field(discriminator="kind"),
+]
+
+BUILTIN_VARIANTS = ("initial", "dense", "final")
+
+
+class Recipe(Strict):
+    """A lotus recipe (``version: 1``). Build it with :func:`parse_recipe` / :func:`load_recipe`."""
+
+    version: Literal[1] = Field(description="recipe format version; must be 1")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; runs/<name>/ by default")
+    seed: int = Field(0, description="seed of every stage's randomness (stage i uses a seed derived from it)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageUnion] = Field(default_factory=list, description="stages, run in order")  # type: ignore[valid-type]
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _name_stages(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        counts: dict[str, int] = {}
+        for s in stages:
+            if s.name is None:
+                counts[s.kind] = counts.get(s.kind, 0) + 1
+                s.name = s.kind if counts[s.kind] == 1 else f"{s.kind}_{counts[s.kind]}"
+        return stages
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a recipe."""
+
+    loc: str
+    msg: str
+    value: Any = None
+    has_value: bool = False
+
+    def format(self, source: str) -> str:
+        got = f" (got {self.value!r})" if self.has_value else ""
+        return f"{source}: {self.loc or '<recipe>'}: {self.msg}{got}"
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(p.format(source) for p in problems))
+
+
+def cross_check(r: Recipe) -> list[Problem]:
+    """The checks that span fields, in one place."""
+    out: list[Problem] = []
+    names = [s.name for s in r.stages]
+    has_masks = False
+    for i, s in enumerate(r.stages):
+        if names.count(s.name) > 1:
+            out.append(Problem(f"stages.{i}.name", "stage names must be unique", s.name, True))
+        if s.needs_masks and not has_masks:
+            makers = ", ".join(k for k, e in STAGES.items() if e.config_cls.makes_masks)
+            out.append(Problem(f"stages.{i}", f"{s.kind} needs masks: put a pruning stage ({makers}) before it"))
+        has_masks = (has_masks or s.makes_masks) and not s.ends_masks
+    known = set(BUILTIN_VARIANTS) | set(names)
+    for j, v in enumerate(r.bench.variants):
+        if v not in known:
+            out.append(Problem(f"bench.variants.{j}", f"unknown variant; allowed: {', '.join(sorted(known))}", v, True))
+    if r.data.kind in ("cifar10", "imagefolder") and r.data.root is None:
+        out.append(Problem("data.root", f"data.kind {r.data.kind} needs a root (an ImageFolder tree, or a folder to download into)"))
+    if r.data.download and r.data.kind != "cifar10":
+        out.append(Problem("data.download", "only data.kind cifar10 can be downloaded", True, True))
+    if r.model.weights is not None and r.model.pretrained:
+        out.append(Problem("model.pretrained", "set either model.weights (local file) or model.pretrained (download), not both", True, True))
+    return out
+
+
+# ----------------------------------------------------------------------------- schema walking
+
+
+def _unwrap(tp: Any) -> list[Any]:
+    """The member types of an annotation (Optional/Union/Annotated unwrapped)."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in typing.get_args(tp) for m in _unwrap(a)]
+    return [tp]
+
+
+def _stage_cls(kind: Any) -> type[BaseModel] | None:
+    return STAGES[kind].config_cls if isinstance(kind, str) and kind in STAGES else None
+
+
+def _annotation_at(path: list[str], raw: dict) -> Any:
+    """The annotation of the field at ``path`` (None when the path leaves the schema)."""
+    model: Any = Recipe
+    node: Any = raw
+    tp: Any = None
+    for part in path:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+            node = node.get(part) if isinstance(node, dict) else None
+        elif model is list:
+            if not part.lstrip("-").isdigit():
+                return None
+            node = node[int(part)] if isinstance(node, list) and -len(node) <= int(part) < len(node) else None
+            tp = item_tp  # noqa: F821  (set when model became list)
+        else:
+            return None
+        members = _unwrap(tp)
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        lists = [m for m in members if typing.get_origin(m) is list]
+        if lists:
+            model, item_tp = list, typing.get_args(lists[0])[0]
+        elif len(models) == 1:
+            model = models[0]
+        elif models:  # the stage union: pick by the raw kind
+            model = _stage_cls(node.get("kind") if isinstance(node, dict) else None)
+        else:
+            model = None
+    return tp
+
+
+def _typed_value(path: list[str], text: str, raw: dict) -> Any:
+    """``--set`` value typed by the schema: strings stay strings, the rest is parsed as YAML."""
+    tp = _annotation_at(path, raw)
+    members = _unwrap(tp) if tp is not None else []
+    if any(m in (str, Path) for m in members) and not any(m in (int, float, bool) for m in members):
+        return None if text in ("null", "~") and type(None) in members else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
+    """Apply ``a.b.c=value`` overrides to the raw recipe dict in place; returns problems."""
+    problems = []
+    for ov in overrides:
+        key, sep, text = ov.partition("=")
+        if not sep or not key:
+            problems.append(Problem("--set", "expected KEY=VALUE with a dotted key (model.img_size=112)", ov, True))
+            continue
+        path = key.split(".")
+        node: Any = raw
+        try:
+            for part in path[:-1]:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            last = path[-1]
+            value = _typed_value(path, text, raw)
+            if isinstance(node, list):
+                idx = int(last)
+                if idx == len(node):
+                    node.append(value)
+                else:
+                    node[idx] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                raise TypeError(f"{'.'.join(path[:-1])} is not a section")
+        except (ValueError, IndexError, TypeError) as e:
+            problems.append(Problem(key, f"cannot set: {e}", text, True))
+    return problems
+
+
+def _loc(loc: tuple) -> str:
+    """Pydantic loc -> dotted path, without the union's tag segment (``stages.1.sparsity``)."""
+    parts, prev = [], None
+    for x in loc:
+        if isinstance(prev, int) and parts and parts[0] == "stages" and len(parts) == 2 and x in STAGES:
+            prev = x
+            continue
+        parts.append(str(x))
+        prev = x
+    return ".".join(parts)
+
+
+def _problems(e: ValidationError, raw: dict) -> list[Problem]:
+    out = []
+    for err in e.errors(include_url=False):
+        loc = _loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = _annotation_at(loc.split(".")[:-1], raw) if "." in loc else Recipe
+            models = [m for m in _unwrap(parent) if isinstance(m, type) and issubclass(m, BaseModel)] if parent else []
+            if len(models) == 1:
+                msg = f"unknown field; allowed: {', '.join(models[0].model_fields)}"
+            elif parent is None and "." not in loc:
+                msg = f"unknown field; allowed: {', '.join(Recipe.model_fields)}"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown stage kind; allowed: {', '.join(STAGES)}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        out.append(Problem(loc, msg, err.get("input"), err["type"] != "missing"))
+    return out
+
+
+def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate a raw recipe dict (after ``--set`` overrides).
+
+    Raises:
+        RecipeError: with every problem found.
+    """
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [Problem("", "a recipe must be a YAML mapping", type(raw).__name__, True)])
+    problems = apply_overrides(raw, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(source, problems + _problems(e, raw)) from None
+    problems += cross_check(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe file; raises :class:`RecipeError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(str(path), [Problem("", "no such file")]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(str(path), [Problem("", f"invalid YAML: {where}{getattr(e, 'problem', e)}")]) from None
+    return parse_recipe(raw if raw is not None else {}, str(path), overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default written out)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_schema() -> dict:
+    """JSON Schema of recipes."""
+    return Recipe.model_json_schema()
+
+
+def stage_fingerprint(recipe: Recipe, index: int) -> str:
+    """Hash of everything that determines the model after stage ``index``.
+
+    Model, data, seed and the stages up to and including ``index``: a finished stage whose
+    fingerprint changed cannot be reused on resume. Export/bench settings and the run name do
+    not count.
+    """
+    from .io import sha256_json
+
+    d = recipe.model_dump(mode="json")
+    return sha256_json({k: d[k] for k in ("model", "data", "seed")} | {"stages": d["stages"][: index + 1]})
+
+

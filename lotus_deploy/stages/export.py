@@ -1,0 +1,51 @@
+"""``export``: ONNX with a dynamic batch axis, checked against PyTorch on eval images."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..config import StageConfig
+from ..registry import register_stage
+
+
+class Export(StageConfig):
+    """Uses the recipe's ``export`` section (opset, tolerance, images compared)."""
+
+    kind: Literal["export"] = "export"
+
+
+def export_state(state, out_dir) -> tuple[dict, dict]:
+    """Export the state's model to ``out_dir/model.onnx`` (+ ``preprocess.json``, ``export.json``).
+
+    Returns:
+        (metrics, artifacts name -> path).
+    """
+    import copy
+
+    from ..io import write_json
+    from ..masks import apply_masks_
+    from ..models import input_spec
+    from ..onnx_export import export_checked
+
+    cfg = state.recipe.export
+    model = copy.deepcopy(state.model).to("cpu").eval()
+    apply_masks_(model, {k: v.cpu() for k, v in state.masks.items()})
+    images, _ = state.data.eval_batch(cfg.check_images)
+    path = out_dir / "model.onnx"
+    metrics = export_checked(model, path, images, opset=cfg.opset, dynamo=cfg.dynamo, tolerance=cfg.tolerance)
+    pre = {**input_spec(model).to_dict(), "classes": state.data.classes, "input": "input", "output": "logits"}
+    pre_path = write_json(out_dir / "preprocess.json", pre)
+    state.log.info(
+        f"export: {path} ({metrics['bytes'] / 1e6:.1f} MB), ORT vs PyTorch max|diff| {metrics['max_abs_diff']:.2e}, "
+        f"top-1 agreement {100 * metrics['top1_agreement']:.1f}% on {metrics['images']} eval images"
+    )
+    write_json(out_dir / "export.json", metrics)
+    return metrics, {"onnx": path, "preprocess": pre_path}
+
+
+@register_stage(Export)
+def export(cfg: Export, state):
+    from ..state import StageResult
+
+    metrics, arts = export_state(state, state.run_dir / "export")
+    return StageResult(metrics=metrics, artifacts=arts, model_changed=False)

@@ -1,0 +1,215 @@
+"""Training and evaluation loops shared by every stage that trains or measures a model."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .masks import apply_masks_
+from .progress import bar
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%), mean cross-entropy and throughput over ``loader``.
+
+    Args:
+        forward: replaces ``model(x)`` (e.g. a token-dropping forward); default the model.
+
+    Returns:
+        ``top1``, ``top5`` (percent), ``loss``, ``images``, ``seconds``, ``images_per_s``.
+    """
+    was_training = model.training
+    model.eval()
+    fwd = forward or model
+    n = correct1 = correct5 = 0
+    loss_sum = 0.0
+    t0 = time.perf_counter()
+    autocast = _autocast(device)
+    for x, y in bar(loader, desc=desc, unit="batch"):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = fwd(x).float()  # (B, classes)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (B, k)
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(1).sum().item()
+        n += y.numel()
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    return {
+        "top1": 100.0 * correct1 / max(n, 1),
+        "top5": 100.0 * correct5 / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "images": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def param_groups(
+    model: nn.Module, train: str, lr: float, backbone_lr: float | None, weight_decay: float
+) -> list[dict]:
+    """AdamW groups: head vs backbone learning rates, no weight decay on 1-D params and tokens.
+
+    Args:
+        train: ``head`` (only the classifier trains; the rest is frozen) or ``all``.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        is_head = id(p) in head_ids
+        if train == "head" and not is_head:
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        no_decay = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "reg_token", "gamma")) or ".ls" in name
+        groups.setdefault((is_head, no_decay), []).append(p)
+    out = []
+    for (is_head, no_decay), params in groups.items():
+        out.append({
+            "params": params,
+            "lr": lr if is_head or backbone_lr is None else backbone_lr,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+        })
+    return out
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainSpec:
+    """A training run: what trains, for how long, how fast (pure data for :func:`train`)."""
+
+    train: str = "all"
+    epochs: float = 1.0
+    steps: int | None = None
+    lr: float = 1e-3
+    backbone_lr: float | None = None
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    eval_every_epoch: bool = True
+
+
+def train(
+    model: nn.Module,
+    spec: TrainSpec,
+    make_loader: Callable[[int], Iterable],
+    steps_per_epoch: int,
+    device: torch.device,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    evaluate_fn: Callable[[], dict] | None = None,
+    on_step: Callable[[int], bool] | None = None,
+    on_epoch: Callable[[int, dict], bool] | None = None,
+    forward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    log: Callable[[str], None] = print,
+    desc: str = "train",
+) -> list[dict]:
+    """Train ``model`` in place with AdamW and the spec's schedule; masks stay enforced.
+
+    Masks present are applied before the first step and after *every* optimizer step, so
+    pruned weights remain exactly zero. Stops after ``spec.steps`` steps if given, else after
+    ``spec.epochs`` epochs (fractions allowed); ``on_step``/``on_epoch`` returning True stops
+    early (early-bird tickets).
+
+    Args:
+        make_loader: epoch index -> iterable of ``(images, labels)`` (or ``(images, labels,
+            extra)`` passed to ``forward``).
+        steps_per_epoch: batches in one epoch of ``make_loader``.
+
+    Returns:
+        One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``train_acc``, ``lr``,
+        ``seconds`` and the eval metrics prefixed ``eval_``.
+    """
+    total = spec.steps if spec.steps is not None else max(1, int(round(spec.epochs * steps_per_epoch)))
+    warmup = int(round(spec.warmup * total)) if spec.warmup < 1 else int(spec.warmup)
+    groups = param_groups(model, spec.train, spec.lr, spec.backbone_lr, spec.weight_decay)
+    base_lrs = [g["lr"] for g in groups]
+    opt = torch.optim.AdamW(groups, lr=spec.lr)
+    masks = dict(masks or {})
+    if masks:
+        apply_masks_(model, masks)
+    history: list[dict] = []
+    step, epoch, stop = 0, 0, False
+    autocast = _autocast(device)
+    model.to(device).train()
+    while step < total and not stop:
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        it = bar(make_loader(epoch), desc=f"{desc} epoch {epoch + 1}", total=min(steps_per_epoch, total - step), unit="step")
+        for batch in it:
+            x, y = batch[0].to(device), batch[1].to(device)
+            extra = batch[2].to(device) if len(batch) > 2 else None
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, total, warmup, spec.schedule)
+            with autocast:
+                logits = forward(x, extra) if forward is not None else model(x)  # (B, classes)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            if masks:
+                apply_masks_(model, masks)
+            step += 1
+            loss_sum += loss.item() * y.numel()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += y.numel()
+            if hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None and on_step(step):
+                stop = True
+            if stop or step >= total:
+                break
+        epoch += 1
+        rec = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        if evaluate_fn is not None and (spec.eval_every_epoch or step >= total or stop):
+            rec.update({f"eval_{k}": v for k, v in evaluate_fn().items()})
+            model.train()
+        history.append(rec)
+        log(
+            f"{desc} epoch {epoch}: step {step}/{total} loss {rec['train_loss']:.4f} "
+            f"train {rec['train_acc']:.2f}%" + (f" eval {rec['eval_top1']:.2f}%" if "eval_top1" in rec else "")
+        )
+        if on_epoch is not None and on_epoch(epoch, rec):
+            stop = True
+    return history
