@@ -55,16 +55,16 @@ class _Digits(Dataset):
 
 
 class _PadCrop:
-    """RandomCrop at the image's own size after zero padding (CIFAR-style, any resolution)."""
+    """RandomCrop at the image's own size after zero padding of 1/8 of its side.
 
-    def __init__(self, padding: int = 4):
-        self.padding = padding
+    CIFAR-style (32 px -> padding 4) at any source resolution (8 px digits -> padding 1).
+    """
 
     def __call__(self, img):
         from torchvision.transforms import RandomCrop
 
         w, h = img.size
-        return RandomCrop((h, w), padding=self.padding)(img)
+        return RandomCrop((h, w), padding=max(1, round(min(w, h) / 8)))(img)
 
 
 def build_transform(spec: InputSpec, train: bool, augment: str = "none"):
@@ -73,7 +73,7 @@ def build_transform(spec: InputSpec, train: bool, augment: str = "none"):
 
     ops = []
     if train and augment in ("crop", "crop_flip"):
-        ops.append(_PadCrop(4))
+        ops.append(_PadCrop())
     if train and augment == "crop_flip":
         ops.append(T.RandomHorizontalFlip())
     interp = getattr(T.InterpolationMode, spec.interpolation.upper(), T.InterpolationMode.BICUBIC)

@@ -5,6 +5,7 @@ onnx and onnxruntime are imported inside the functions (lazy), so importing lotu
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
     path = Path(path)
     with atomic_path(path) as tmp:
         kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about timm's shape asserts
             if dynamo:
                 batch = torch.export.Dim("batch", min=1)
                 torch.onnx.export(model, (example,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},), external_data=False, **kwargs)

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models, tiny recipes on the bundled digits data, shared-data paths."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CIFAR10 = SHARED / "data" / "cifar10"
+DINOV2 = SHARED / "weights" / "vit_small_patch14_dinov2.safetensors"
+
+# A complete, fast recipe: micro ViT (2 blocks, width 32, 16 patches) on a digits subset.
+TINY_RECIPE: dict = {
+    "version": 1,
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "model": {"name": "lotus_vit_micro_patch8_32", "num_classes": 10},
+    "data": {"kind": "digits", "batch_size": 32, "train_subset": 200, "eval_subset": 100, "augment": "none"},
+    "stages": [
+        {"kind": "finetune", "name": "train", "steps": 6, "lr": 2e-3},
+        {"kind": "magnitude_prune", "sparsity": 0.5},
+        {"kind": "finetune", "name": "recover", "steps": 4, "lr": 5e-4},
+        {"kind": "bake"},
+    ],
+    "bench": {"batch_sizes": [1, 4], "iters": 3, "warmup": 1},
+}
+
+
+@pytest.fixture
+def tiny_recipe_dict() -> dict:
+    """A fresh deep copy of :data:`TINY_RECIPE` to modify freely."""
+    return copy.deepcopy(TINY_RECIPE)
+
+
+@pytest.fixture
+def tiny_recipe(tiny_recipe_dict):
+    from lotus_deploy.recipe import parse_recipe
+
+    return parse_recipe(tiny_recipe_dict)
+
+
+@pytest.fixture
+def micro_model():
+    """lotus_vit_micro_patch8_32 with 10 classes, seeded, eval mode."""
+    import torch
+
+    from lotus_deploy.config import ModelConfig
+    from lotus_deploy.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="lotus_vit_micro_patch8_32", num_classes=10)).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    import torch
+
+    torch.set_num_threads(2)
+
+
+needs_cifar_and_weights = pytest.mark.skipif(
+    not (CIFAR10.is_dir() and DINOV2.is_file()),
+    reason=f"real-data test: needs {CIFAR10} and {DINOV2} (the project's ../shared folder), absent here",
+)
