@@ -271,7 +271,7 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
         t0 = time.perf_counter()
         state.model = build_model(recipe.model).to(device)
         manifest["initial"] = {
-            "name": "initial", "status": "done", "wall_s": time.perf_counter() - t0,
+            "name": "initial", "status": "done", "wall_s": time.perf_counter() - t0, "fingerprint": _initial_fingerprint(recipe),
             "artifacts": save_checkpoint(state, run_dir / "initial"),
         }
         write_json(manifest_path, manifest)
@@ -311,9 +311,17 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
     return run_dir
 
 
+def _initial_fingerprint(recipe) -> str:
+    from .io import sha256_json
+
+    return sha256_json(recipe.model.model_dump(mode="json"))
+
+
 def _check_resumable(recipe, old: dict, run_dir: Path) -> None:
     from .recipe import stage_fingerprint
 
+    if old.get("initial") and old["initial"].get("fingerprint") != _initial_fingerprint(recipe):
+        raise RunError(f"cannot resume {run_dir}: the model section changed since the run started; use --force to start over")
     for i, e in enumerate(old["stages"]):
         if e["status"] != "done":
             break

@@ -82,6 +82,8 @@ def cross_check(r: Recipe) -> list[Problem]:
     for i, s in enumerate(r.stages):
         if names.count(s.name) > 1:
             out.append(Problem(f"stages.{i}.name", "stage names must be unique", s.name, True))
+        if s.name in BUILTIN_VARIANTS:
+            out.append(Problem(f"stages.{i}.name", f"reserved for a variant; not allowed: {', '.join(BUILTIN_VARIANTS)}", s.name, True))
         if s.needs_masks and not has_masks:
             makers = ", ".join(k for k, e in STAGES.items() if e.config_cls.makes_masks)
             out.append(Problem(f"stages.{i}", f"{s.kind} needs masks: put a pruning stage ({makers}) before it"))
@@ -214,6 +216,12 @@ def _problems(e: ValidationError, raw: dict) -> list[Problem]:
         if err["type"] == "extra_forbidden":
             parent = _annotation_at(loc.split(".")[:-1], raw) if "." in loc else Recipe
             models = [m for m in _unwrap(parent) if isinstance(m, type) and issubclass(m, BaseModel)] if parent else []
+            if len(models) > 1:  # the stage union: the raw kind picks the member
+                node: Any = raw
+                for part in loc.split(".")[:-1]:
+                    node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+                cls = _stage_cls(node.get("kind") if isinstance(node, dict) else None)
+                models = [cls] if cls is not None else models
             if len(models) == 1:
                 msg = f"unknown field; allowed: {', '.join(models[0].model_fields)}"
             elif parent is None and "." not in loc:

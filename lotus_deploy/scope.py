@@ -54,12 +54,26 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return included
 
 
+def _names_param(full: str, mod_name: str, patterns: tuple[str, ...]) -> bool:
+    """True when an inclusion pattern matches the parameter name but not its module's name.
+
+    So ``head.bias`` or ``blocks.*.bias`` name parameters, while ``blocks.*`` (which also
+    matches ``blocks.0.norm1``) only selects the prunable weights of the modules it matches.
+    """
+    if any(p.startswith("!") and _compile(p[1:]).match(full) for p in patterns):
+        return False
+    return any(
+        not p.startswith("!") and _compile(p).match(full) and not _compile(p).match(mod_name) for p in patterns
+    )
+
+
 def select_weights(model, patterns: Iterable[str]) -> dict[str, "object"]:
     """Parameter name -> parameter for every prunable weight in scope.
 
     Selected: the ``weight`` of each ``nn.Linear`` / ``nn.Conv*`` whose *module* name matches,
-    plus any parameter whose full *parameter* name matches (``cls_token``, ``head.bias``), so
-    biases, norms, tokens, embeddings and the head stay out unless the scope names them.
+    plus any parameter whose full *parameter* name matches a pattern that does not also match
+    its module's name (``cls_token``, ``head.bias``, ``blocks.*.bias``), so biases, norms,
+    tokens, embeddings and the head stay out unless the scope names them.
     Norm layers are never selected through their module name.
     """
     import torch.nn as nn
@@ -71,6 +85,6 @@ def select_weights(model, patterns: Iterable[str]) -> dict[str, "object"]:
         for p_name, p in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             by_module = isinstance(mod, prunable) and p_name == "weight" and matches(mod_name, patterns)
-            if by_module or matches(full, patterns):
+            if by_module or _names_param(full, mod_name, patterns):
                 out[full] = p
     return out
