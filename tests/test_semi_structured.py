@@ -1,0 +1,168 @@
+"""The ``semi_structured`` stage: eligible layers made 2:4, others skipped and reported, export checked."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lotus_deploy.masks import apply_masks_
+from lotus_deploy.onnx_export import ExportError
+from lotus_deploy.sparsity24 import is_two_four
+from lotus_deploy.stages.prune import prune_masks
+from lotus_deploy.stages.semi_structured import semi_structured_masks
+
+BLOCK_LINEARS = {f"blocks.{b}.{l}.weight" for b in (0, 1) for l in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+
+
+class Odd(nn.Module):
+    """Block Linears of which only the first can use sparse kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(32, 64), nn.Linear(64, 20), nn.Linear(20, 32), nn.Conv2d(16, 16, 1)])
+
+
+def test_default_scope_makes_every_block_linear_two_four(micro_model):
+    masks, skipped = semi_structured_masks(micro_model, ["blocks.*"])
+    assert set(masks) == BLOCK_LINEARS and skipped == {}
+    params = dict(micro_model.named_parameters())
+    for n, m in masks.items():
+        assert is_two_four(params[n] * m, 1)
+        assert m.float().mean() == 0.5
+
+
+def test_ineligible_layers_are_skipped_with_the_reason():
+    masks, skipped = semi_structured_masks(Odd(), ["blocks.*"])
+    assert set(masks) == {"blocks.0.weight"}
+    assert skipped == {
+        "blocks.1.weight": "out_features 20 is not a multiple of 8",
+        "blocks.2.weight": "in_features 20 is not a multiple of 16",
+        "blocks.3.weight": "not an nn.Linear (Conv2d)",
+    }
+
+
+def test_scope_beyond_blocks_reports_head_and_non_weights(micro_model):
+    masks, skipped = semi_structured_masks(micro_model, ["blocks.*", "head", "cls_token", "patch_embed.proj"])
+    assert set(masks) == BLOCK_LINEARS
+    assert skipped["head.weight"] == "out_features 10 is not a multiple of 8"
+    assert skipped["patch_embed.proj.weight"] == "not an nn.Linear (Conv2d)"
+    assert "not a layer weight" in skipped["cls_token"]
+    with pytest.raises(ValueError, match="selects no"):
+        semi_structured_masks(micro_model, ["nothing.here"])
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.7], ids=["unstructured30", "unstructured70"])
+def test_combines_with_an_earlier_unstructured_mask(micro_model, sparsity):
+    existing = prune_masks(micro_model, ["blocks.*"], sparsity, "global")
+    masks, _ = semi_structured_masks(micro_model, ["blocks.*"], existing)
+    for n, m in masks.items():
+        assert not (m & ~existing[n]).any()  # everything pruned before stays pruned
+        assert is_two_four(m, 1)
+    total = sum(m.numel() for m in masks.values())
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    assert zeros / total >= max(0.5, sparsity)
+
+
+# ----------------------------------------------------------------------------- the stage in a run
+
+
+@pytest.fixture(scope="module")
+def ss_run(tmp_path_factory):
+    """prune 30% -> 2:4 (with permutation, head in scope) -> recover -> bake -> export."""
+    from conftest import TINY_RECIPE
+
+    from lotus_deploy.pipeline import compress
+    from lotus_deploy.recipe import parse_recipe
+
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["stages"] = [
+        {"kind": "finetune", "name": "train", "steps": 2, "lr": 2e-3},
+        {"kind": "magnitude_prune", "sparsity": 0.3},
+        {"kind": "semi_structured", "scope": ["blocks.*", "head"], "permute": True, "permute_seconds": 0.5},
+        {"kind": "finetune", "name": "recover", "steps": 2, "lr": 5e-4},
+        {"kind": "bake"},
+        {"kind": "export"},
+    ]
+    return compress(parse_recipe(raw), out=tmp_path_factory.mktemp("runs") / "ss", quiet=True)
+
+
+def stage(run_dir, kind):
+    from lotus_deploy.io import read_json
+
+    return next(e for e in read_json(run_dir / "manifest.json")["stages"] if e["kind"] == kind)
+
+
+def test_stage_reports_layers_skips_and_permutation(ss_run):
+    m = stage(ss_run, "semi_structured")["metrics"]
+    assert set(m["two_four_layers"]) == BLOCK_LINEARS
+    assert m["skipped"] == {"head.weight": "out_features 10 is not a multiple of 8"}
+    assert m["two_four_sparsity"] >= 0.5 and m["scope_sparsity"] > 0.3
+    assert set(m["small_layers"]) == BLOCK_LINEARS  # width 32: flagged as too small to gain
+    perm = m["permutation"]
+    assert set(perm["layers"]) == {n for n in BLOCK_LINEARS if n.endswith(("proj.weight", "fc2.weight"))}
+    for r in perm["layers"].values():
+        assert r["kept_after"] >= r["kept_before"]
+    for n, row in m["layers"].items():
+        if n in perm["layers"]:
+            assert row["kept_magnitude"] == pytest.approx(perm["layers"][n]["kept_after"])
+            assert row["kept_magnitude_before_permute"] == pytest.approx(perm["layers"][n]["kept_before"])
+    assert "permutations" in stage(ss_run, "semi_structured")["artifacts"]
+
+
+def test_final_weights_are_two_four_after_recovery_and_bake(ss_run):
+    from lotus_deploy.pipeline import Run
+
+    model, masks = Run(ss_run).load("final")
+    assert masks == {}  # baked
+    params = dict(model.named_parameters())
+    assert all(is_two_four(params[n], 1) for n in BLOCK_LINEARS)
+    assert not is_two_four(params["head.weight"], 1)
+
+
+def test_export_stage_checked_every_two_four_layer_in_onnx(ss_run):
+    t = stage(ss_run, "export")["metrics"]["two_four"]
+    assert t["layers"] == t["checked"] == 8
+    assert {r["op"] for r in t["onnx"].values()} == {"MatMul"}
+    assert all(r["two_four"] and r["axis"] == 0 for r in t["onnx"].values())
+    assert t["onnx"]["blocks.1.mlp.fc2.weight"]["node"].endswith("mlp/fc2/MatMul")
+
+
+def test_export_of_a_variant_before_the_stage_skips_the_check(ss_run, tmp_path):
+    from lotus_deploy.pipeline import Run
+    from lotus_deploy.stages.export import export_state
+
+    metrics, _ = export_state(Run(ss_run).state("dense", quiet=True), tmp_path)
+    assert metrics["two_four"]["checked"] == 0 and "before the semi_structured stage" in metrics["two_four"]["skipped"]
+
+
+def test_export_check_fails_when_the_pattern_is_lost(micro_model, tmp_path):
+    from lotus_deploy.inspect import verify_export_two_four
+    from lotus_deploy.onnx_export import export_onnx
+
+    masks, _ = semi_structured_masks(micro_model, ["blocks.*"])
+    apply_masks_(micro_model, masks)
+    with torch.no_grad():
+        micro_model.blocks[1].mlp.fc1.weight[0, :4] = 1.0  # one dense group in PyTorch
+    path = export_onnx(micro_model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    with pytest.raises(ExportError, match=r"no longer 2:4 in the PyTorch weights: \['blocks.1.mlp.fc1.weight'\]"):
+        verify_export_two_four(path, micro_model, sorted(masks))
+    ok = sorted(set(masks) - {"blocks.1.mlp.fc1.weight"})
+    assert verify_export_two_four(path, micro_model, ok)["checked"] == 7
+
+
+def test_recipe_validation():
+    from lotus_deploy.recipe import RecipeError, parse_recipe
+    from conftest import TINY_RECIPE
+
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["stages"] = [{"kind": "semi_structured", "permute_seconds": 0}, {"kind": "semi_structured", "bogus": 1}]
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(raw)
+    locs = {p.loc for p in e.value.problems}
+    assert {"stages.0.permute_seconds", "stages.1.bogus"} <= locs
+    raw["stages"] = [{"kind": "semi_structured"}, {"kind": "bake"}]
+    r = parse_recipe(raw)
+    assert r.stages[0].scope == ["blocks.*"] and r.stages[0].permute is False
