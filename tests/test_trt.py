@@ -1,0 +1,216 @@
+"""TensorRT engine path: pure helpers and the missing-TensorRT path here; real builds under ``trt``.
+
+The build itself needs the tensorrt package and an NVIDIA GPU: those tests are marked ``trt``
+and skipped with the reason :func:`lotus_deploy.trt.unavailable_reason` gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lotus_deploy import trt
+from lotus_deploy.trt import BuildSpec, match_layers, onnx_scope, parse_sparsity_log, sparsity_report, trtexec_command
+
+TRT_MISSING = trt.unavailable_reason()
+skip_without_trt = pytest.mark.skipif(TRT_MISSING is not None, reason=f"{TRT_MISSING}")
+
+# Real TensorRT log lines (trtexec --sparsity=enable --verbose, TensorRT 8.x/10.x format).
+LOG = [
+    "[08/05/2024-12:06:54] [I] [TRT] Total Activation Memory: 7864832",
+    "[08/05/2024-12:06:54] [I] [TRT] (Sparsity) Layers eligible for sparse math: MatMul_401, Conv_619 + Relu_620, Conv_626",
+    "[08/05/2024-12:06:54] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: Conv_619 + Relu_620",
+    "[08/05/2024-12:06:54] [I] [TRT] [MemUsageChange] TensorRT-managed allocation in building engine: CPU +0, GPU +512",
+]
+
+
+@pytest.mark.parametrize(
+    "spec, present, absent",
+    [
+        (BuildSpec(precision="fp16", sparse=True), ["--fp16", "--sparsity=enable"], ["--stronglyTyped", "--bf16"]),
+        (BuildSpec(precision="bf16", sparse=False), ["--bf16", "--sparsity=disable"], ["--fp16"]),
+        (BuildSpec(precision="fp32"), ["--sparsity=enable"], ["--fp16", "--bf16"]),  # sparse None = auto -> enabled
+        (BuildSpec(precision="fp16", strongly_typed=True, sparse=True), ["--stronglyTyped"], ["--fp16"]),
+    ],
+    ids=["fp16-sparse", "bf16-dense", "fp32-auto", "strongly-typed"],
+)
+def test_trtexec_command(tmp_path, spec, present, absent):
+    spec.timing_cache = tmp_path / "timing.cache"
+    spec.min_batch, spec.opt_batch, spec.max_batch = 1, 8, 64
+    cmd = trtexec_command(tmp_path / "model.onnx", tmp_path / "model.plan", "input", (3, 224, 224), spec)
+    args = cmd.split()
+    assert args[0] == "trtexec"
+    for a in ["--onnx=model.onnx", "--saveEngine=model.plan", "--minShapes=input:1x3x224x224", "--optShapes=input:8x3x224x224",
+              "--maxShapes=input:64x3x224x224", "--timingCacheFile=timing.cache", "--memPoolSize=workspace:4096", *present]:
+        assert a in args, (a, cmd)
+    for a in absent:
+        assert a not in args
+
+
+def test_trtexec_script_paths(tmp_path):
+    cache = tmp_path / "shared" / "timing.cache"
+    spec = BuildSpec(timing_cache=cache)
+    cmd = trtexec_command(tmp_path / "e" / "model.onnx", tmp_path / "e" / "model.plan", "input", (3, 32, 32), spec)
+    assert f"--timingCacheFile={cache.resolve()}" in cmd  # outside the engine folder: absolute
+    script = trt.write_trtexec_script(tmp_path / "e" / "trtexec.sh", cmd)
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash") and 'cd "$(dirname "$0")"' in text and cmd in text
+
+
+@pytest.mark.parametrize("bad", [dict(min_batch=4, opt_batch=2), dict(opt_batch=64, max_batch=32), dict(precision="int8")])
+def test_build_spec_rejects(bad):
+    with pytest.raises(ValueError):
+        BuildSpec(**bad)
+
+
+def test_parse_sparsity_log():
+    rep = parse_sparsity_log(LOG)
+    assert rep == {"reported": True, "eligible": ["MatMul_401", "Conv_619 + Relu_620", "Conv_626"], "picked": ["Conv_619 + Relu_620"]}
+    empty = parse_sparsity_log(["[I] [TRT] (Sparsity) Layers eligible for sparse math: ",
+                                "[I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: "])
+    assert empty == {"reported": True, "eligible": [], "picked": []}
+    assert parse_sparsity_log(["[I] nothing about sparsity"])["reported"] is False
+
+
+def test_onnx_scope_matches_exported_matmuls(micro_model, tmp_path):
+    """Each block Linear's scope fragment names exactly one MatMul of the exported graph."""
+    import onnx
+    import torch
+    import torch.nn as nn
+
+    from lotus_deploy.onnx_export import export_onnx
+
+    path = export_onnx(micro_model, tmp_path / "m.onnx", torch.zeros(1, 3, 32, 32))
+    nodes = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMul", "Gemm")]
+    linears = [n for n, m in micro_model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    assert onnx_scope("blocks.0.mlp.fc1") == "/blocks.0/mlp/fc1/"
+    for name in linears:
+        assert sum(onnx_scope(name) in node for node in nodes) == 1, name
+    fused = [f"{nodes[1]} + /blocks/blocks.0/mlp/act/Mul"]
+    assert match_layers(linears, fused) == {n: onnx_scope(n) in fused[0] for n in linears}
+
+
+def test_sparsity_report_warns_when_nothing_is_picked():
+    layers = ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    none_picked = sparsity_report(["(Sparsity) Layers eligible for sparse math: /blocks/blocks.0/mlp/fc1/MatMul",
+                                   "(Sparsity) TRT inference plan picked sparse implementation for layers: "], layers, True)
+    assert "picked NO sparse implementation" in none_picked["warning"]
+    assert none_picked["layers"]["blocks.0.mlp.fc1"] == {"eligible": True, "picked": False}
+    picked = sparsity_report(["(Sparsity) TRT inference plan picked sparse implementation for layers: /blocks/blocks.0/mlp/fc2/MatMul"], layers, True)
+    assert picked["warning"] is None and picked["layers"]["blocks.0.mlp.fc2"]["picked"] is True
+    assert "without SPARSE_WEIGHTS" in sparsity_report([], layers, False)["warning"]
+    assert sparsity_report([], [], True)["warning"] is None  # no 2:4 layers, nothing to warn about
+
+
+def test_two_four_layers(micro_model):
+    from lotus_deploy.sparsity24 import two_four_masks
+    from lotus_deploy.stages.engine import two_four_layers
+
+    assert two_four_layers(micro_model) == []
+    w = micro_model.blocks[1].mlp.fc1.weight
+    masks = {"blocks.1.mlp.fc1.weight": two_four_masks(w)}
+    assert two_four_layers(micro_model, masks) == ["blocks.1.mlp.fc1"]
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT and a GPU are present: the missing-TensorRT path is not taken")
+def test_unavailable_reason_says_how_to_install():
+    assert "pip install tensorrt" in TRT_MISSING and "\n" not in TRT_MISSING
+    with pytest.raises(trt.TensorRTUnavailable, match="pip install tensorrt"):
+        trt.build_engine(Path("model.onnx"), Path("model.plan"))
+    with pytest.raises(trt.TensorRTUnavailable):
+        trt.TensorRTSession("model.plan")
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT and a GPU are present: the missing-TensorRT path is not taken")
+@pytest.mark.slow  # a subprocess: imports torch, timm, sklearn and exports (~8 s idle, 30 s on a loaded machine)
+def test_cli_export_trt_without_tensorrt(tiny_run, tmp_path):
+    """The ONNX (and trtexec.sh) are written, then exit code 2 with one line naming what is missing."""
+    from conftest import subprocess_env
+
+    out, repo = tmp_path / "exp", tmp_path / "triton"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lotus_deploy.cli", "export", str(tiny_run), "--trt", "--out", str(out), "--triton", str(repo)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (out / "model.onnx").is_file() and (out / "preprocess.json").is_file() and (out / "trtexec.sh").is_file()
+    assert not (out / "model.plan").exists() and not repo.exists()
+    errors = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln.lower() or "tensorrt" in ln.lower()]
+    assert errors == [proc.stderr.strip().splitlines()[-1]] and "pip install tensorrt" in errors[0]
+    assert "model.onnx" in proc.stdout
+
+
+def test_engine_stage_skip_and_fail(tiny_recipe_dict, tmp_path):
+    """``if_unavailable: skip`` records the reason and keeps the ONNX; ``fail`` stops the run."""
+    from lotus_deploy.pipeline import Run, RunError, compress
+    from lotus_deploy.recipe import parse_recipe
+    from lotus_deploy.stages.engine import Engine, engine
+
+    raw = copy.deepcopy(tiny_recipe_dict)
+    raw["stages"] = [{"kind": "engine", "if_unavailable": "skip", "max_batch": 16}]
+    raw["export"] = {"check_images": 8}
+    run_dir = compress(parse_recipe(raw), out=tmp_path / "run", quiet=True)
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"][0]
+    assert entry["status"] == "done"
+    if TRT_MISSING is None:
+        pytest.skip("TensorRT present: the engine was built, nothing was skipped")
+    assert entry["metrics"] == {"skipped": TRT_MISSING}
+    assert set(entry["artifacts"]) == {"onnx", "preprocess", "trtexec"}
+    assert "--maxShapes=input:16x3x32x32" in (run_dir / "engine" / "trtexec.sh").read_text()
+    state = Run(run_dir).state(quiet=True)
+    with pytest.raises(RunError, match="pip install tensorrt"):
+        engine(Engine(), state)
+
+
+def test_engine_config_validation(tiny_recipe_dict):
+    from lotus_deploy.recipe import RecipeError, parse_recipe
+
+    raw = copy.deepcopy(tiny_recipe_dict)
+    raw["stages"] = [{"kind": "engine", "min_batch": 8, "opt_batch": 4}]
+    with pytest.raises(RecipeError, match="min_batch <= opt_batch"):
+        parse_recipe(raw)
+
+
+# ----------------------------------------------------------------------------- needs TensorRT + GPU
+
+
+@pytest.mark.trt
+@skip_without_trt
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_build_engine_runs_and_matches_onnxruntime(tiny_run, tmp_path, precision):
+    from lotus_deploy.runtime import compare, load
+    from lotus_deploy.triton import write_repository
+
+    onnx_path = tiny_run / "export" / "model.onnx"
+    work = tmp_path / "e"
+    work.mkdir()
+    for f in ("model.onnx", "preprocess.json"):
+        (work / f).write_bytes((onnx_path.parent / f).read_bytes())
+    pre = json.loads((work / "preprocess.json").read_text())
+    spec = BuildSpec(precision=precision, sparse=True, min_batch=1, opt_batch=4, max_batch=8, timing_cache=work / "timing.cache", workspace_mib=512)
+    res = trt.build_engine(work / "model.onnx", work / "model.plan", spec, preprocess=pre, two_four_layers=[])
+    info = json.loads(res.sidecar.read_text())
+    for key in ("tensorrt", "gpu", "compute_capability", "flags", "profiles", "build_s", "sha256", "io", "preprocess", "trtexec", "sparsity"):
+        assert key in info, key
+    assert info["profiles"]["input"]["max"] == [8, 3, 32, 32] and (work / "timing.cache").stat().st_size > 0
+    assert res.log.read_text().strip() and res.trtexec.is_file()
+    again = trt.build_engine(work / "model.onnx", work / "model2.plan", spec, preprocess=pre, two_four_layers=[])
+    assert again.info["timing_cache_reused"] is True
+
+    from lotus_deploy.data import build_data
+    from lotus_deploy.models import InputSpec
+    from lotus_deploy.pipeline import Run
+
+    engine = load(res.path)
+    assert engine.max_batch == 8
+    data = build_data(Run(tiny_run).recipe.data, InputSpec(3, 32, 32, tuple(pre["mean"]), tuple(pre["std"])))
+    out = compare(engine, load(work / "model.onnx", providers=["CPUExecutionProvider"]), data.eval_loader(batch_size=20))
+    assert out["top1_agreement"] >= 0.97 and abs(out["a"]["top1"] - out["b"]["top1"]) <= 3.0
+    cfg = write_repository(res.path, tmp_path / "repo", "tiny")
+    assert 'platform: "tensorrt_plan"' in cfg.read_text() and (cfg.parent / "1" / "model.plan").is_file()
+
