@@ -4,4 +4,4 @@
 from lotus_deploy.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="lotus")

@@ -32,11 +32,13 @@ def magnitude_masks(
             each tensor (``per_layer``).
         granularity: ``global`` ranks all weights together; ``per_layer`` ranks each tensor.
         existing: masks already in force; weights they remove stay removed and count towards
-            the target (the result is a subset of ``existing``).
+            the target (the result is a subset of ``existing``; when ``existing`` already
+            removes more than the target, the result equals it).
 
     Returns:
-        Boolean masks (True = keep), exactly ``round(sparsity * n)`` zeros per group; ties at
-        the threshold are broken by position so the count is exact.
+        Boolean masks (True = keep), exactly ``round(sparsity * n)`` zeros per group (or the
+        zeros of ``existing`` if more); ties at the threshold are broken by position so the
+        count is exact.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -53,6 +55,7 @@ def magnitude_masks(
     for names in groups:
         flat = torch.cat([scores(n, weights[n]) for n in names]) if names else torch.empty(0)
         n_zero = int(round(sparsity * flat.numel()))
+        n_zero = max(n_zero, int((flat < 0).sum()))  # never revive a weight ``existing`` removed
         keep = torch.ones(flat.numel(), dtype=torch.bool)
         if n_zero > 0:
             # Stable ranking: argsort ascending, the first n_zero indices are pruned.

@@ -269,7 +269,9 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
     state = RunState(recipe=recipe, run_dir=run_dir, device=device, model=None, masks={}, log=log, manifest=manifest)  # type: ignore[arg-type]
     if manifest["initial"] is None:
         t0 = time.perf_counter()
-        state.model = build_model(recipe.model).to(device)
+        with torch.random.fork_rng(devices=[]):  # seeded init: models trained from scratch reproduce
+            torch.manual_seed(recipe.seed)
+            state.model = build_model(recipe.model).to(device)
         manifest["initial"] = {
             "name": "initial", "status": "done", "wall_s": time.perf_counter() - t0, "fingerprint": _initial_fingerprint(recipe),
             "artifacts": save_checkpoint(state, run_dir / "initial"),

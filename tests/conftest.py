@@ -57,9 +57,30 @@ def micro_model():
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
+    # One thread: the tiny models gain nothing from more, and on a shared 2-core machine a
+    # second OpenMP thread can make every step 10-100x slower. Subprocesses get the same via
+    # OMP_NUM_THREADS (see ``subprocess_env``), so results match in-process runs bit for bit.
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
+
+
+def subprocess_env() -> dict:
+    """Environment for ``python -m lotus_deploy.cli`` subprocesses in tests (1 thread, repo on path)."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished run of :data:`TINY_RECIPE` plus ``export`` (shared, read-only for tests)."""
+    from lotus_deploy.pipeline import compress
+    from lotus_deploy.recipe import parse_recipe
+
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["stages"].append({"kind": "export"})
+    return compress(parse_recipe(raw), out=tmp_path_factory.mktemp("runs") / "tiny", quiet=True)
 
 
 needs_cifar_and_weights = pytest.mark.skipif(
