@@ -9,7 +9,11 @@ from ..registry import register_stage
 
 
 class Bench(StageConfig):
-    """Uses the recipe's ``bench`` section (variants, backends, batch sizes, timing)."""
+    """Uses the recipe's ``bench`` section (variants, backends, batch sizes, timing).
+
+    Writes ``bench/results.json``, ``results.csv``, ``report.md``, ``pareto.png`` and
+    ``sparsity.png`` in the run directory (see :mod:`lotus_deploy.bench`).
+    """
 
     kind: Literal["bench"] = "bench"
 
@@ -21,10 +25,19 @@ def bench(cfg: Bench, state):
     from ..state import StageResult
 
     out = state.run_dir / "bench"
-    report = run_bench(Run(state.run_dir), state.recipe.bench, out, log=state.log.info, data=state.data)
-    rows = [{k: r[k] for k in ("variant", "backend", "batch", "top1", "latency_median_ms", "images_per_s")} for r in report["rows"]]
+    # The manifest on disk is the live one: it holds every stage finished before this one.
+    results = run_bench(Run(state.run_dir), state.recipe.bench, out, log=state.log.info, data=state.data)
+    keys = ("variant", "backend", "batch", "top1", "latency_median_ms", "images_per_s", "pareto")
+    files = {
+        "results_json": "results.json", "results_csv": "results.csv", "report_md": "report.md",
+        "pareto_png": "pareto.png", "sparsity_png": "sparsity.png",
+    }
     return StageResult(
-        metrics={"rows": rows, "skipped": report["skipped"]},
-        artifacts={"report_json": out / "report.json", "report_md": out / "report.md"},
+        metrics={
+            "rows": [{k: r[k] for k in keys} for r in results["rows"]],
+            "skipped": [{"backend": b["name"], "reason": b["reason"]} for b in results["backends"] if b["status"] != "measured"],
+            "pipeline_efficiency": results["pipeline"]["efficiency"] if results["pipeline"] else None,
+        },
+        artifacts={k: out / f for k, f in files.items() if (out / f).is_file()},
         model_changed=False,
     )
