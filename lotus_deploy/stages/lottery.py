@@ -1,0 +1,399 @@
+"""``lottery_finetune``: fine-tune on data lottery tickets with physical token dropping.
+
+A teacher (the model entering the stage, or a named variant of the run) scores every patch of
+every training image once (CLS attention, see :mod:`lotus_deploy.tickets`); the scores are cached
+in ``RUN/tickets/`` under a hash of the teacher weights, data, subset and transform, so a resumed
+run reuses them. The model then trains on the K best patches per image (plus CLS/registers): the
+transformer really runs on fewer tokens. Masks of earlier pruning stages stay enforced.
+Evaluation uses all patches; ``eval_tokens: ticket`` also evaluates on teacher-selected patches.
+
+Augmentation: cached scores belong to patch positions of the un-augmented image, so with
+``scoring: cached`` the stage trains on un-augmented images (random crop/flip would move content
+under the scores); the reason is logged and written to the manifest. ``scoring: online`` lets
+the teacher score each (augmented) batch during training instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..registry import register_stage
+from .finetune import Finetune, _early_bird_watch, run_training, write_history
+
+AUGMENT_NOTE = (
+    "augmentation disabled: cached ticket scores belong to the patch positions of the un-augmented "
+    "image, and random crop/flip would misalign scores and patches (use scoring: online to augment)"
+)
+
+
+class LotteryFinetune(Finetune):
+    """Finetune on the top-K attention patches of each image (or random/all patches as controls).
+
+    Every :class:`Finetune` field applies (schedule, learning rates, ``early_bird``).
+    """
+
+    kind: Literal["lottery_finetune"] = "lottery_finetune"  # type: ignore[assignment]
+    keep: float | None = Field(None, gt=0, le=1, description="fraction of patches kept per image; K = ceil(keep * patches); default 0.9 (the paper drops 10%)")
+    drop: float | None = Field(None, ge=0, lt=1, description="fraction of patches dropped (keep = 1 - drop); set keep or drop")
+    selection: Literal["attention", "random", "full"] = Field("attention", description="attention: top-K teacher CLS attention; random: K random patches per image and epoch; full: every patch (control)")
+    blocks: Literal["last", "mean"] | list[int] = Field("last", description="blocks whose CLS attention scores patches: last, mean (all blocks) or a list of indices")
+    sink: Literal["normalize", "exclude"] = Field("normalize", description="attention sink: normalize (LOTUS: prefix weight -> mean patch weight, renormalize per head) or exclude (Data-LTH: drop the prefix columns)")
+    teacher: str | None = Field(None, description="variant of this run that scores patches (initial, dense, a finished stage name); default the model entering the stage")
+    scoring: Literal["cached", "online"] = Field("cached", description="cached: score the training set once (no augmentation); online: the teacher scores each augmented batch")
+    score_batch_size: int | None = Field(None, gt=0, description="batch size of the scoring pass; default the eval batch size")
+    eval_tokens: Literal["all", "ticket"] = Field("all", description="all: evaluate on every patch; ticket: also on the teacher's tickets of the eval images")
+    show: int = Field(16, ge=0, description="training images in tickets.png (dropped patches greyed); 0: no figure")
+
+    @model_validator(mode="after")
+    def _keep_or_drop(self) -> "LotteryFinetune":
+        if self.keep is not None and self.drop is not None:
+            raise ValueError("set keep or drop, not both")
+        return self
+
+    @property
+    def keep_ratio(self) -> float:
+        """The fraction of patches kept (1.0 for ``selection: full``)."""
+        if self.selection == "full":
+            return 1.0
+        if self.drop is not None:
+            return 1.0 - self.drop
+        return 0.9 if self.keep is None else self.keep
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _teacher(cfg: LotteryFinetune, state):
+    """(teacher model, its name): a named variant of the run, or None for the model entering."""
+    if cfg.teacher is None:
+        return None, "entering"
+    from ..models import build_model
+    from ..pipeline import RunError, load_checkpoint, variant_entries
+
+    entries = variant_entries(state.recipe, state.manifest)
+    if cfg.teacher not in entries:
+        raise RunError(f"{state.stage_name}: teacher {cfg.teacher!r} is not a finished variant of this run; have: {', '.join(entries)}")
+    model = build_model(state.recipe.model, with_weights=False)
+    load_checkpoint(state.run_dir, entries[cfg.teacher], model, state.device)
+    return model.eval(), cfg.teacher
+
+
+def _plain_train(state):
+    """The training subset without augmentation (same images, same order as ``state.data.train``)."""
+    from ..data import build_data
+
+    d = state.data
+    if d.cfg.augment == "none":
+        return d.train
+    plain = build_data(d.cfg.model_copy(update={"augment": "none"}), d.spec)
+    assert plain.subsets["train"] == d.subsets["train"], "un-augmented subset differs"
+    return plain.train
+
+
+def score_info(state, teacher, split: str, block_ids: list[int]) -> dict:
+    """What ticket scores depend on (hashed into the cache file name)."""
+    from ..data import build_transform
+    from ..io import sha256_json
+    from ..tickets import weights_hash
+
+    d = state.data
+    keep = ("kind", "root", "train_subset", "eval_subset", "subset_seed")
+    return {
+        "version": 1,
+        "split": split,
+        "teacher": weights_hash(teacher),
+        "model": state.recipe.model.model_dump(mode="json"),
+        "data": {k: v for k, v in d.cfg.model_dump(mode="json").items() if k in keep},
+        "indices": sha256_json(d.subsets.get(split)),
+        "images": len(d.train if split == "train" else d.eval),
+        "transform": repr(build_transform(d.spec, train=False)),
+        "blocks": block_ids,
+    }
+
+
+def _scores(cfg, state, teacher, dataset, split: str, block_ids: list[int]):
+    """(sink -> (n, P) scores, source, path, seconds) through the run's cache."""
+    import time
+
+    from ..tickets import cached_scores, score_dataset
+
+    d = state.data
+    bs = cfg.score_batch_size or d.cfg.eval_batch_size or d.cfg.batch_size
+    t0 = time.perf_counter()
+    scores, source, path = cached_scores(
+        state.run_dir / "tickets", split, score_info(state, teacher, split, block_ids),
+        lambda: score_dataset(teacher, dataset, block_ids, state.device, bs, d.cfg.workers, desc=f"{state.stage_name} scores ({split})"),
+    )
+    seconds = time.perf_counter() - t0
+    state.log.info(f"{state.stage_name}: {split} ticket scores {source} ({tuple(scores[cfg.sink].shape)}, {seconds:.1f} s) {path.name}")
+    return scores, source, path, seconds
+
+
+class _OnlineForward:
+    """``forward(x, extra)`` that lets a frozen teacher pick each batch's tickets (augmentation allowed)."""
+
+    def __init__(self, cfg, model, teacher, block_ids, patches, seed):
+        import torch
+
+        self.cfg, self.model, self.teacher, self.block_ids, self.patches = cfg, model, teacher, block_ids, patches
+        self.g = torch.Generator().manual_seed(seed)
+
+    def idx(self, x):
+        import torch
+
+        from ..tickets import cls_attention, num_kept, patch_scores, top_k
+
+        B = x.shape[0]
+        if self.cfg.selection == "full":
+            return torch.arange(self.patches, device=x.device).expand(B, -1)
+        k = num_kept(self.patches, self.cfg.keep_ratio)
+        if self.cfg.selection == "random":
+            return top_k(torch.rand(B, self.patches, generator=self.g), k).to(x.device)
+        rows = cls_attention(self.teacher, x, self.block_ids)  # (B, L, H, N)
+        return top_k(patch_scores(rows, self.teacher.num_prefix_tokens, self.cfg.sink), k)
+
+    def __call__(self, x, extra=None):
+        from ..tickets import forward_tokens
+
+        return forward_tokens(self.model, x, self.idx(x) if extra is None else extra)
+
+
+def _eval_on_tickets(state, table):
+    """Eval metrics with the model run on each eval image's ticket (table rows in eval order)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..tickets import TicketDataset, forward_tokens
+    from ..train import _autocast
+
+    d = state.data
+    loader = DataLoader(TicketDataset(d.eval_dataset(), table), batch_size=d.cfg.eval_batch_size or d.cfg.batch_size, shuffle=False)
+    model = state.model
+    was = model.training
+    model.eval()
+    n = c1 = c5 = 0
+    loss = 0.0
+    with torch.no_grad(), _autocast(state.device):
+        for x, y, idx in loader:
+            x, y = x.to(state.device), y.to(state.device)
+            logits = forward_tokens(model, x, idx.to(state.device)).float()  # (B, classes)
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), 1).indices
+            c1 += (top[:, 0] == y).sum().item()
+            c5 += (top == y[:, None]).any(1).sum().item()
+            n += y.numel()
+    model.train(was)
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def show_indices(n_images: int, show: int) -> list[int]:
+    """``show`` evenly spaced image indices (class-sorted subsets give varied classes)."""
+    import torch
+
+    show = min(show, n_images)
+    return torch.linspace(0, n_images - 1, show).round().long().tolist() if show else []
+
+
+def ticket_figure(cfg: LotteryFinetune, teacher, dataset, state, seed: int, path, show: int, table=None):
+    """tickets.png: ``show`` training images above their tickets (dropped patches grey).
+
+    Args:
+        table: the stage's (n, K) ticket table for ``dataset`` (epoch 1); None recomputes the
+            shown images' tickets with ``teacher`` (or the seed for random selection).
+    """
+    import torch
+
+    from ..tickets import denormalize, num_patches, resolve_blocks, save_ticket_grid, score_images, select_tickets
+
+    model = teacher if teacher is not None else state.model
+    picks = show_indices(len(dataset), show)
+    items = [dataset[i] for i in picks]
+    x = torch.stack([it[0] for it in items])  # (S, 3, H, W)
+    P = num_patches(model)
+    if table is not None:
+        idx = table[picks]
+    elif cfg.selection == "attention":
+        was = model.training
+        model.eval()
+        s = score_images(model, x.to(state.device), resolve_blocks(model, cfg.blocks), sinks=[cfg.sink])[cfg.sink].cpu()
+        model.train(was)
+        idx = select_tickets(s, len(picks), P, cfg.keep_ratio, "attention")
+    else:
+        idx = select_tickets(None, len(dataset), P, cfg.keep_ratio, cfg.selection, seed, 0)[picks]
+    classes = state.data.classes
+    labels = [classes[int(it[1])] if int(it[1]) < len(classes) else str(int(it[1])) for it in items]
+    spec = state.data.spec
+    title = f"{state.stage_name}: {cfg.selection} tickets, keep {idx.shape[1]}/{P} patches ({cfg.sink})"
+    return save_ticket_grid(denormalize(x, spec.mean, spec.std), idx, tuple(model.patch_embed.grid_size), path, title, labels)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@register_stage(LotteryFinetune)
+def lottery_finetune(cfg: LotteryFinetune, state):
+    import copy
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..state import StageResult
+    from ..tickets import (
+        TicketDataset, check_token_model, forward_tokens, num_kept, num_patches, resolve_blocks, save_curves,
+        select_tickets, ticket_overlap,
+    )
+
+    model = state.model
+    check_token_model(model)
+    P, npre = num_patches(model), int(model.num_prefix_tokens)
+    K = P if cfg.selection == "full" else num_kept(P, cfg.keep_ratio)
+    seed = state.seed()
+    data = state.data
+    bs = cfg.batch_size or data.cfg.batch_size
+    named, teacher_name = _teacher(cfg, state)
+    needs_teacher = cfg.selection == "attention" or cfg.eval_tokens == "ticket"
+    block_ids = resolve_blocks(named if named is not None else model, cfg.blocks) if needs_teacher else []
+    metrics: dict = {
+        "selection": cfg.selection, "keep": K / P, "kept_patches": K, "patches": P, "prefix_tokens": npre,
+        "token_fraction": (npre + K) / (npre + P), "blocks": block_ids, "sink": cfg.sink, "teacher": teacher_name,
+        "scoring": cfg.scoring,
+    }
+    arts = {}
+
+    # Eval tickets first: the teacher is still the model entering the stage.
+    teacher = named if named is not None else model
+    eval_table = None
+    if cfg.eval_tokens == "ticket":
+        ev = data.eval_dataset()
+        es = None
+        if cfg.selection == "attention":
+            es, _, _, _ = _scores(cfg, state, teacher, ev, "eval", block_ids)
+            es = es[cfg.sink]
+        eval_table = select_tickets(es, len(ev), P, cfg.keep_ratio, cfg.selection, seed + 7, 0)
+
+    table0 = None
+    if cfg.scoring == "cached":
+        train_ds = _plain_train(state)
+        if data.cfg.augment != "none":
+            state.log.info(f"{state.stage_name}: {AUGMENT_NOTE}")
+            metrics["augment"], metrics["augment_note"] = "none", AUGMENT_NOTE
+        else:
+            metrics["augment"] = "none"
+        scores = None
+        metrics["scores_source"] = "none"
+        if cfg.selection == "attention":
+            all_scores, source, path, secs = _scores(cfg, state, teacher, train_ds, "train", block_ids)
+            scores = all_scores[cfg.sink]
+            metrics.update(scores_source=source, scores_file=str(path.relative_to(state.run_dir)), score_seconds=secs)
+            ov = ticket_overlap(*(select_tickets(all_scores[s], len(train_ds), P, cfg.keep_ratio, "attention") for s in ("normalize", "exclude")))
+            metrics["sink_shared"], metrics["sink_images_changed"] = ov["shared"], ov["images_changed"]
+            state.log.info(
+                f"{state.stage_name}: sink normalize vs exclude: {100 * ov['shared']:.1f}% of kept patches shared, "
+                f"{100 * ov['images_changed']:.1f}% of images get a different ticket"
+            )
+
+        def table(epoch: int):
+            return select_tickets(scores, len(train_ds), P, cfg.keep_ratio, cfg.selection, seed, epoch)
+
+        table0 = table(0)
+        if cfg.selection == "attention":
+            rnd = select_tickets(None, len(train_ds), P, cfg.keep_ratio, "random", seed, 0)
+            metrics["random_shared"] = ticket_overlap(table0, rnd)["shared"]
+
+        def make_loader(epoch: int):
+            t = table0 if epoch == 0 or cfg.selection != "random" else table(epoch)
+            return DataLoader(
+                TicketDataset(train_ds, t), batch_size=bs, shuffle=True,
+                generator=torch.Generator().manual_seed(seed + 1 + epoch), num_workers=data.cfg.workers,
+            )
+
+        steps_per_epoch = math.ceil(len(train_ds) / bs)
+
+        def forward(x, idx):
+            return forward_tokens(model, x, idx)
+    else:
+        train_ds = data.train
+        metrics["augment"] = data.cfg.augment
+        frozen = teacher
+        if cfg.selection == "attention" and named is None:
+            frozen = copy.deepcopy(model).eval()
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+        forward = _OnlineForward(cfg, model, frozen, block_ids, P, seed)
+        make_loader, steps_per_epoch = None, None
+        metrics["scores_source"] = "online"
+
+    if cfg.show:
+        fig_teacher = named if named is not None else (frozen if cfg.scoring == "online" else model)
+        arts["tickets_png"] = ticket_figure(cfg, fig_teacher, train_ds if cfg.scoring == "cached" else _plain_train(state), state, seed, state.stage_dir / "tickets.png", cfg.show, table=table0)
+
+    if cfg.scoring == "cached":
+        named = teacher = None  # every score is computed: free a named teacher before training
+    watch = _early_bird_watch(cfg, state) if cfg.early_bird is not None else None
+    hooks = watch.hooks() if watch is not None else {}
+    early_bird_epoch = hooks.pop("on_epoch", None)
+
+    def on_epoch(epoch: int, rec: dict) -> bool:
+        if eval_table is not None and "eval_top1" in rec:
+            rec.update({f"eval_ticket_{k}": v for k, v in _eval_on_tickets(state, eval_table).items()})
+            state.log.info(f"{state.stage_name} epoch {epoch}: eval on tickets {rec['eval_ticket_top1']:.2f}%")
+        return bool(early_bird_epoch(epoch, rec)) if early_bird_epoch is not None else False
+
+    state.log.info(
+        f"{state.stage_name}: {cfg.selection} tickets, {K}/{P} patches + {npre} prefix tokens "
+        f"({100 * metrics['token_fraction']:.0f}% of tokens), scoring {cfg.scoring}"
+    )
+    history, final = run_training(
+        cfg, state, forward=forward, make_loader=make_loader, steps_per_epoch=steps_per_epoch, on_epoch=on_epoch, **hooks
+    )
+    arts["history"] = write_history(state, history)
+    arts["curves_png"] = save_curves(history, state.stage_dir / "curves.png", f"{state.stage_name}: {cfg.selection}, keep {K}/{P} patches")
+    metrics.update(
+        top1=final["top1"], top5=final["top5"], eval_loss=final["loss"],
+        train_seconds=sum(h["seconds"] for h in history), history=history,
+    )
+    if "ticket_top1" in final:
+        metrics.update(ticket_top1=final["ticket_top1"], ticket_top5=final["ticket_top5"], ticket_eval_loss=final["ticket_loss"])
+    if watch is not None:
+        metrics["early_bird"], eb_arts = watch.finish(state.stage_dir)
+        metrics["early_bird"].update(steps_trained=history[-1]["step"] if history else 0, **watch.provenance)
+        arts.update(eb_arts)
+    return StageResult(metrics=metrics, artifacts=arts)
+
+
+# ----------------------------------------------------------------------------- lotus tickets RUN --show N
+
+
+def show_run_tickets(run_dir, show: int, out=None, stage: str | None = None):
+    """Write the ticket grid of a run's ``lottery_finetune`` stage; returns the PNG path.
+
+    The teacher is the stage's named teacher or the checkpoint entering the stage (the latest
+    finished one before it); random tickets use the stage's seed (epoch 1's tickets).
+
+    Raises:
+        RunError: the recipe has no such stage.
+    """
+    from pathlib import Path
+
+    from ..pipeline import Run, RunError, checkpoint_entry, load_checkpoint
+
+    run = Run(run_dir)
+    found = [(i, s) for i, s in enumerate(run.recipe.stages) if s.kind == "lottery_finetune" and (stage is None or s.name == stage)]
+    if not found:
+        what = f"no lottery_finetune stage named {stage!r}" if stage else "no lottery_finetune stage"
+        raise RunError(f"{run.dir}: recipe has {what}")
+    i, cfg = found[-1]
+    state = run.state("initial", quiet=True)
+    state.stage_index, state.stage_name = i + 1, cfg.name
+    if cfg.teacher is None:
+        load_checkpoint(run.dir, checkpoint_entry(run.manifest, i - 1), state.model, state.device)
+        teacher = state.model
+    else:
+        teacher, _ = _teacher(cfg, state)
+    seed = state.seed()
+    out = Path(out) if out is not None else run.dir / "stages" / f"{i + 1:02d}_{cfg.name}" / f"tickets-{show}.png"
+    ds = _plain_train(state)
+    return ticket_figure(cfg, teacher.eval(), ds, state, seed, out, show)
