@@ -79,43 +79,156 @@ def compress(recipe: Path, out: Path | None, resume: bool, force: bool, override
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--variant", default="final", show_default=True, help="model state to export (final, dense, a stage name)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output folder (default RUN/export)")
-def export(run: Path, variant: str, out: Path | None) -> None:
-    """Export a run's model to ONNX, checked against PyTorch on eval images."""
+@click.option("--trt", "build_trt", is_flag=True, help="also build a TensorRT engine (settings of the recipe's engine stage, else defaults); needs tensorrt and an NVIDIA GPU")
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path), help="also write a Triton model repository into DIR (model.plan with --trt, else model.onnx)")
+def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_dir: Path | None) -> None:
+    """Export a run's model to ONNX, checked against PyTorch on eval images (and a TensorRT engine, a Triton repository)."""
     with _user_errors():
         from .pipeline import Run
         from .stages.export import export_state
 
         state = Run(run).state(variant)
-        metrics, arts = export_state(state, out or run / "export")
-    click.echo(f"onnx: {arts['onnx']}  max|diff| {metrics['max_abs_diff']:.2e}  top-1 agreement {100 * metrics['top1_agreement']:.1f}%")
+        out = out or run / "export"
+        if build_trt:
+            from .stages.engine import engine_for_state, engine_settings
+            from .trt import TensorRTUnavailable
+
+            try:
+                metrics, arts = engine_for_state(engine_settings(state.recipe), state, out)
+            except TensorRTUnavailable as e:
+                click.echo(f"onnx: {out / 'model.onnx'}  trtexec: {out / 'trtexec.sh'}")
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+            click.echo(f"engine: {arts['engine']}  sidecar: {arts['engine_json']}")
+        else:
+            metrics, arts = export_state(state, out)
+            click.echo(f"onnx: {arts['onnx']}  max|diff| {metrics['max_abs_diff']:.2e}  top-1 agreement {100 * metrics['top1_agreement']:.1f}%")
+        if triton_dir:
+            from .triton import write_repository
+
+            config = write_repository(arts.get("engine") or arts["onnx"], triton_dir, state.recipe.name)
+            click.echo(f"triton: {config}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="labels per image")
+@click.option("--variant", default="final", show_default=True, help="model of a run directory (final, dense, a stage name)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per image")
+def predict(artifact: Path, images: tuple[Path, ...], top_k: int, variant: str, as_json: bool) -> None:
+    """Top-k labels of IMAGE files from ARTIFACT: a TensorRT engine, an ONNX file, a checkpoint or a run directory."""
+    with _user_errors():
+        from PIL import UnidentifiedImageError
+
+        from .runtime import InputError, load
+
+        try:
+            results = load(artifact, variant=variant).classify(images, top_k=top_k)
+        except (InputError, UnidentifiedImageError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    for path, top in zip(images, results):
+        if as_json:
+            click.echo(json.dumps({"image": str(path), "top": top}))
+        else:
+            click.echo(f"{path}: " + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in top))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--batch", help="comma-separated batch sizes, e.g. 1,8,64 (default: the recipe's)")
+@click.option("--variants", help="comma-separated variants: all, initial, dense, final, stage names (default: the recipe's)")
+@click.option("--backends", help="comma-separated backends, auto or all (default: the recipe's)")
+@click.option("--iters", type=click.IntRange(min=1), help="timed iterations per backend and batch size (at least)")
+@click.option("--warmup", type=click.IntRange(min=0), help="untimed iterations first")
+@click.option("--min-seconds", type=click.FloatRange(min=0), help="time each backend and batch for at least this long")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and ONNX Runtime")
+@click.option("--no-accuracy", is_flag=True, help="latency only (no eval passes)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output folder (default RUN/bench; with two runs: where compare.md/.json go)")
+def bench(runs: tuple[Path, ...], batch: str | None, variants: str | None, backends: str | None, iters: int | None,
+          warmup: int | None, min_seconds: float | None, threads: int | None, no_accuracy: bool, out: Path | None) -> None:
+    """Accuracy and latency of RUN's variants on each backend: RUN/bench/results.json, results.csv,
+    report.md, pareto.png, sparsity.png.
+
+    With two arguments (run folders or results.json files), compare them side by side: latency
+    ratios B/A and top-1 differences; a run without results is benchmarked first.
+    """
+    if len(runs) > 2:
+        raise click.UsageError("give one run to benchmark, or two runs / results files to compare")
+    with _user_errors():
+        from .bench import load_results, run_bench
+        from .pipeline import Run
+
+        def bench_run(run: Path, where: Path) -> Path:
+            from pydantic import ValidationError
+
+            r = Run(run)
+            cfg = r.recipe.bench.model_copy()
+            try:
+                if batch:
+                    cfg.batch_sizes = [int(b) for b in batch.split(",")]
+                if variants:
+                    cfg.variants = variants.split(",")
+                if backends:
+                    cfg.backends = backends.split(",")
+                for key, value in (("iters", iters), ("warmup", warmup), ("min_seconds", min_seconds), ("threads", threads)):
+                    if value is not None:
+                        setattr(cfg, key, value)
+            except (ValueError, ValidationError) as e:
+                raise click.UsageError(f"bench options: {e}".splitlines()[0] if not isinstance(e, ValidationError) else f"bench options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+            if no_accuracy:
+                cfg.accuracy = False
+            run_bench(r, cfg, where, log=lambda m: click.echo(m, err=True))
+            return where
+
+        if len(runs) == 1:
+            where = bench_run(runs[0], out or runs[0] / "bench")
+            click.echo(f"report: {where / 'report.md'}")
+            return
+        from .io import write_json, write_text
+        from .report import compare, compare_markdown
+
+        loaded = []
+        for p in runs:
+            if p.is_dir() and (p / "manifest.json").is_file() and not (p / "bench" / "results.json").is_file():
+                bench_run(p, p / "bench")
+            loaded.append(load_results(p))
+        c = compare(*loaded)
+        md = compare_markdown(c, f"A ({runs[0]})", f"B ({runs[1]})")
+        if out:
+            write_json(out / "compare.json", c)
+            write_text(out / "compare.md", md)
+    click.echo(md, nl=False)
 
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--batch", help="comma-separated batch sizes (default: the recipe's)")
-@click.option("--variants", help="comma-separated variants (default: the recipe's)")
-@click.option("--backends", help="comma-separated backends (default: the recipe's)")
-@click.option("--iters", type=int, help="timed iterations per batch size")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output folder (default RUN/bench)")
-def bench(run: Path, batch: str | None, variants: str | None, backends: str | None, iters: int | None, out: Path | None) -> None:
-    """Accuracy and latency of a run's variants on each backend; writes report.json and report.md."""
+@click.option("--show", type=click.IntRange(min=1), default=16, show_default=True, help="training images in the grid")
+@click.option("--stage", help="lottery_finetune stage name (default: the recipe's last one)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG path (default RUN/stages/NN_<stage>/tickets-N.png)")
+def tickets(run: Path, show: int, stage: str | None, out: Path | None) -> None:
+    """Draw a run's data lottery tickets: N training images with dropped patches greyed out."""
     with _user_errors():
-        from .bench import run_bench
-        from .pipeline import Run
+        from .stages.lottery import show_run_tickets
 
-        r = Run(run)
-        cfg = r.recipe.bench.model_copy()
-        if batch:
-            cfg.batch_sizes = [int(b) for b in batch.split(",")]
-        if variants:
-            cfg.variants = variants.split(",")
-        if backends:
-            cfg.backends = backends.split(",")
-        if iters:
-            cfg.iters = iters
-        out = out or run / "bench"
-        run_bench(r, cfg, out, log=lambda m: click.echo(m, err=True))
-    click.echo(f"report: {out / 'report.md'}")
+        path = show_run_tickets(run, show, out, stage)
+    click.echo(f"tickets: {path}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
+def inspect(path: Path, as_json: bool) -> None:
+    """Per-layer shape, sparsity, 2:4 compliance and non-zeros of a checkpoint, run directory or .onnx."""
+    with _user_errors():
+        from .inspect import format_report, inspect_path
+
+        try:
+            rep = inspect_path(path)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
 
 
 if __name__ == "__main__":  # pragma: no cover

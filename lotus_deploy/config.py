@@ -8,7 +8,7 @@ Stage configs subclass :class:`StageConfig` and live next to their implementatio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -31,6 +31,15 @@ Scope = Annotated[list[str], AfterValidator(_check_scope)]
 """Layer patterns in the scope grammar of :mod:`lotus_deploy.scope`."""
 
 Sparsity = Annotated[float, Field(ge=0.0, lt=1.0, description="fraction of weights in scope set to zero, in [0, 1)")]
+
+KNEE_VALUES: tuple[str, ...] = ("knee", "knee_curvature")
+"""Sparsity words resolved from the latest ``essential_sparsity`` stage: its tolerance knee
+(``knee``) or its curvature (Kneedle) knee (``knee_curvature``)."""
+
+SparsityOrKnee = Annotated[
+    Union[Sparsity, Literal["knee", "knee_curvature"]],
+    Field(description="fraction of weights in scope set to zero, in [0, 1), or knee / knee_curvature from an earlier essential_sparsity stage"),
+]
 
 
 class ModelConfig(Strict):
@@ -79,14 +88,17 @@ class ExportConfig(Strict):
 class BenchConfig(Strict):
     """Benchmark settings (used by the `bench` stage and `lotus bench`)."""
 
-    variants: list[str] = Field(default_factory=lambda: ["dense", "final"], description="model states to measure: dense, final, or stage names")
-    backends: list[str] = Field(default_factory=lambda: ["torch_cpu", "onnxruntime_cpu"], description="registered backends")
+    variants: list[str] = Field(default_factory=lambda: ["all"], description="model states to measure: all (initial, every stage that saved a model, dense, final; same checkpoints measured once), or initial, dense, final, stage names")
+    backends: list[str] = Field(default_factory=lambda: ["auto"], description="registered backends (`lotus_deploy.backends`), auto (the default ones available here; the rest listed with the reason) or all")
     batch_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [1, 8], description="latency batch sizes (images)")
     warmup: int = Field(5, ge=0, description="untimed iterations before timing")
     iters: int = Field(30, gt=0, description="timed iterations per batch size (at least)")
     min_seconds: float = Field(0.0, ge=0, description="keep timing until this many seconds passed")
     accuracy: bool = Field(True, description="measure each variant's accuracy on the eval split with each backend")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch and ONNX Runtime; default: torch's")
+    rounds: int = Field(5, gt=0, description="timed iterations are split into this many rounds that interleave the arms")
+    interleave: Literal["variants", "backends"] = Field("variants", description="variants: every variant x backend timed side by side (all held in memory at once); backends: one variant at a time, its backends side by side")
+    pipeline: bool = Field(True, description="measure the eval loop's images/s against the forward's on in-memory tensors (one extra eval pass)")
 
 
 class StageConfig(Strict):

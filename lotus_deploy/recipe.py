@@ -24,7 +24,7 @@ StageUnion = Annotated[
     Field(discriminator="kind"),
 ]
 
-BUILTIN_VARIANTS = ("initial", "dense", "final")
+BUILTIN_VARIANTS = ("all", "initial", "dense", "final")
 
 
 class Recipe(Strict):
@@ -87,6 +87,9 @@ def cross_check(r: Recipe) -> list[Problem]:
         if s.needs_masks and not has_masks:
             makers = ", ".join(k for k, e in STAGES.items() if e.config_cls.makes_masks)
             out.append(Problem(f"stages.{i}", f"{s.kind} needs masks: put a pruning stage ({makers}) before it"))
+        for loc in _knee_fields(s.model_dump()):
+            if not any(t.kind == "essential_sparsity" for t in r.stages[:i]):
+                out.append(Problem(f"stages.{i}.{loc}", "knee sparsities come from an essential_sparsity stage: put one before this stage"))
         has_masks = (has_masks or s.makes_masks) and not s.ends_masks
     known = set(BUILTIN_VARIANTS) | set(names)
     for j, v in enumerate(r.bench.variants):
@@ -98,6 +101,20 @@ def cross_check(r: Recipe) -> list[Problem]:
         out.append(Problem("data.download", "only data.kind cifar10 can be downloaded", True, True))
     if r.model.weights is not None and r.model.pretrained:
         out.append(Problem("model.pretrained", "set either model.weights (local file) or model.pretrained (download), not both", True, True))
+    return out
+
+
+def _knee_fields(d: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of ``sparsity`` fields (nested too) set to a knee word in a dumped stage."""
+    from .config import KNEE_VALUES
+
+    out: list[str] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if k == "sparsity" and isinstance(v, str) and v in KNEE_VALUES:
+                out.append(prefix + k)
+            else:
+                out += _knee_fields(v, f"{prefix}{k}.")
     return out
 
 
@@ -196,22 +213,35 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
     return problems
 
 
-def _loc(loc: tuple) -> str:
-    """Pydantic loc -> dotted path, without the union's tag segment (``stages.1.sparsity``)."""
-    parts, prev = [], None
-    for x in loc:
-        if isinstance(prev, int) and parts and parts[0] == "stages" and len(parts) == 2 and x in STAGES:
-            prev = x
+def _loc(loc: tuple, raw: Any = None) -> tuple[str, bool]:
+    """Pydantic loc -> (dotted path, whether union member tags were dropped).
+
+    The stage union's tag (``stages.1.magnitude_prune.sparsity`` -> ``stages.1.sparsity``) and
+    the member tags of plain unions (``sparsity.constrained-float``, ``sparsity.literal[...]``)
+    are not fields: a segment is dropped when the raw recipe has no such key there (except the
+    last one, which may name a missing field) or when the path already reached a plain value.
+    """
+    parts: list[str] = []
+    node: Any = raw
+    dropped = False
+    for i, x in enumerate(loc):
+        if isinstance(node, dict) and x in node:
+            node = node[x]
+        elif isinstance(node, list) and isinstance(x, int) and -len(node) <= x < len(node):
+            node = node[x]
+        elif isinstance(x, str) and (not isinstance(node, (dict, list)) or i < len(loc) - 1) and node is not None:
+            dropped = True  # a union member tag
             continue
+        else:
+            node = None
         parts.append(str(x))
-        prev = x
-    return ".".join(parts)
+    return ".".join(parts), dropped
 
 
 def _problems(e: ValidationError, raw: dict) -> list[Problem]:
-    out = []
+    out: list[Problem] = []
     for err in e.errors(include_url=False):
-        loc = _loc(err["loc"])
+        loc, in_union = _loc(err["loc"], raw)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             parent = _annotation_at(loc.split(".")[:-1], raw) if "." in loc else Recipe
@@ -230,6 +260,10 @@ def _problems(e: ValidationError, raw: dict) -> list[Problem]:
             msg = f"unknown stage kind; allowed: {', '.join(STAGES)}"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        if in_union and out and out[-1].loc == loc:  # one problem per field: what each member allows
+            if msg not in out[-1].msg.split("; or "):
+                out[-1].msg += f"; or {msg}"
+            continue
         out.append(Problem(loc, msg, err.get("input"), err["type"] != "missing"))
     return out
 

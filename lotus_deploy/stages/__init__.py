@@ -5,3 +5,7 @@ Each module holds a pure-data config (``kind`` literal) and a function registere
 """
 
 from . import bake, bench, evaluate, export, finetune, prune  # noqa: F401
+from . import lottery  # noqa: F401
+from . import soup, sparsity  # noqa: F401
+from . import semi_structured  # noqa: F401
+from . import engine  # noqa: F401

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from ..config import StageConfig
+from ..config import Scope, SparsityOrKnee, StageConfig, Strict
 from ..registry import register_stage
+from ..scope import DEFAULT_SCOPE
+
+
+class EarlyBird(Strict):
+    """Early-bird ticket detection during fine-tuning (:mod:`lotus_deploy.early_bird`)."""
+
+    sparsity: SparsityOrKnee = Field(description="sparsity of the tracked magnitude mask, or knee / knee_curvature from an essential_sparsity stage")
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="weights whose mask is tracked (global ranking)")
+    window: int = Field(5, ge=2, description="masks kept, the newest included")
+    threshold: float = Field(0.1, gt=0, le=1, description="draw the ticket when the largest normalized Hamming distance in a full window is below this")
+    every: Union[Literal["epoch"], Annotated[int, Field(gt=0)]] = Field("epoch", description="check every epoch, or every N optimizer steps")
+    stop: bool = Field(False, description="stop training when the ticket is drawn (else only record it)")
 
 
 class Finetune(StageConfig):
@@ -27,6 +39,7 @@ class Finetune(StageConfig):
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm")
     batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
     eval_every_epoch: bool = Field(True, description="evaluate after each epoch (else only at the end)")
+    early_bird: EarlyBird | None = Field(None, description="detect the early-bird ticket; distances and early_bird_masks.safetensors in the stage directory")
 
     @model_validator(mode="after")
     def _length(self) -> "Finetune":
@@ -90,9 +103,29 @@ def write_history(state, history: list[dict]):
 def finetune(cfg: Finetune, state):
     from ..state import StageResult
 
-    history, final = run_training(cfg, state)
+    watch = _early_bird_watch(cfg, state) if cfg.early_bird is not None else None
+    history, final = run_training(cfg, state, **(watch.hooks() if watch else {}))
     path = write_history(state, history)
-    return StageResult(
-        metrics={"top1": final["top1"], "top5": final["top5"], "eval_loss": final["loss"], "history": history},
-        artifacts={"history": path},
+    metrics = {"top1": final["top1"], "top5": final["top5"], "eval_loss": final["loss"], "history": history}
+    artifacts = {"history": path}
+    if watch is not None:
+        metrics["early_bird"], eb_arts = watch.finish(state.stage_dir)
+        metrics["early_bird"].update(steps_trained=history[-1]["step"] if history else 0, **watch.provenance)
+        artifacts.update(eb_arts)
+    return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _early_bird_watch(cfg: Finetune, state):
+    """The early-bird hooks for this stage (sparsity words resolved from the sweep)."""
+    from ..early_bird import EarlyBirdDetector, EarlyBirdWatch
+    from .sparsity import resolve_sparsity
+
+    eb = cfg.early_bird
+    sparsity, provenance = resolve_sparsity(eb.sparsity, state, eb.scope)
+    bs = cfg.batch_size or state.data.cfg.batch_size
+    watch = EarlyBirdWatch(
+        state.model, eb.scope, sparsity, EarlyBirdDetector(eb.window, eb.threshold), every=eb.every, stop=eb.stop,
+        steps_per_epoch=math.ceil(len(state.data.train) / bs), existing=state.masks, log=state.log.info,
     )
+    watch.provenance = provenance
+    return watch

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..config import Scope, Sparsity, StageConfig
+from ..config import Scope, SparsityOrKnee, StageConfig
 from ..registry import register_stage
 from ..scope import DEFAULT_SCOPE
 
@@ -17,7 +17,7 @@ class MagnitudePrune(StageConfig):
     makes_masks: ClassVar[bool] = True
 
     kind: Literal["magnitude_prune"] = "magnitude_prune"
-    sparsity: Sparsity = Field(description="fraction of the weights in scope to zero, in [0, 1)")
+    sparsity: SparsityOrKnee = Field(description="fraction of the weights in scope to zero, in [0, 1), or knee / knee_curvature from an earlier essential_sparsity stage")
     granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights together or per tensor")
     scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to prune (scope grammar)")
 
@@ -62,9 +62,12 @@ def magnitude_prune(cfg: MagnitudePrune, state):
     from ..masks import apply_masks_
     from ..state import StageResult
 
-    new = prune_masks(state.model, cfg.scope, cfg.sparsity, cfg.granularity, state.masks)
+    from .sparsity import resolve_sparsity
+
+    sparsity, provenance = resolve_sparsity(cfg.sparsity, state, cfg.scope)
+    new = prune_masks(state.model, cfg.scope, sparsity, cfg.granularity, state.masks)
     state.masks = {**state.masks, **new}
     apply_masks_(state.model, state.masks)
     ev = state.evaluate(desc=f"{state.stage_name} eval")
-    state.log.info(f"{state.stage_name}: sparsity {cfg.sparsity:.3f} ({cfg.granularity}) -> top1 {ev['top1']:.2f}%")
-    return StageResult(metrics={"top1": ev["top1"], "top5": ev["top5"], **mask_report(state, cfg.scope)})
+    state.log.info(f"{state.stage_name}: sparsity {sparsity:.3f} ({cfg.granularity}) -> top1 {ev['top1']:.2f}%")
+    return StageResult(metrics={"top1": ev["top1"], "top5": ev["top5"], **provenance, **mask_report(state, cfg.scope)})
