@@ -58,9 +58,13 @@ def magnitude_masks(
         n_zero = max(n_zero, int((flat < 0).sum()))  # never revive a weight ``existing`` removed
         keep = torch.ones(flat.numel(), dtype=torch.bool)
         if n_zero > 0:
-            # Stable ranking: argsort ascending, the first n_zero indices are pruned.
-            order = torch.argsort(flat, stable=True)
-            keep[order[:n_zero]] = False
+            # The n_zero smallest scores go; ties at the threshold by position (the same set a
+            # stable argsort would pick, ~10x faster than sorting 21 M weights).
+            thr = torch.kthvalue(flat, n_zero).values
+            below = flat < thr
+            ties = torch.nonzero(flat == thr).flatten()[: n_zero - int(below.sum())]
+            keep &= ~below
+            keep[ties] = False
         offset = 0
         for n in names:
             numel = weights[n].numel()

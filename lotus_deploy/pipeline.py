@@ -316,13 +316,14 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
 def _initial_fingerprint(recipe) -> str:
     from .io import sha256_json
 
-    return sha256_json(recipe.model.model_dump(mode="json"))
+    return sha256_json(recipe.model.model_dump(mode="json", exclude_defaults=True))
 
 
 def _check_resumable(recipe, old: dict, run_dir: Path) -> None:
     from .recipe import stage_fingerprint
 
-    if old.get("initial") and old["initial"].get("fingerprint") != _initial_fingerprint(recipe):
+    fp = (old.get("initial") or {}).get("fingerprint")
+    if fp is not None and fp != _initial_fingerprint(recipe):
         raise RunError(f"cannot resume {run_dir}: the model section changed since the run started; use --force to start over")
     for i, e in enumerate(old["stages"]):
         if e["status"] != "done":

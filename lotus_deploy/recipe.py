@@ -316,11 +316,15 @@ def stage_fingerprint(recipe: Recipe, index: int) -> str:
 
     Model, data, seed and the stages up to and including ``index``: a finished stage whose
     fingerprint changed cannot be reused on resume. Export/bench settings and the run name do
-    not count.
+    not count. Fields left at their defaults are not hashed, so a lotus release that adds an
+    optional field does not invalidate finished runs.
     """
     from .io import sha256_json
 
-    d = recipe.model_dump(mode="json")
-    return sha256_json({k: d[k] for k in ("model", "data", "seed")} | {"stages": d["stages"][: index + 1]})
+    def dump(cfg) -> dict:
+        return cfg.model_dump(mode="json", exclude_defaults=True)
+
+    stages = [dump(s) | {"kind": s.kind} for s in recipe.stages[: index + 1]]
+    return sha256_json({"model": dump(recipe.model), "data": dump(recipe.data), "seed": recipe.seed, "stages": stages})
 
 
