@@ -42,34 +42,50 @@ def magnitude_masks(
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    existing = existing or {}
-
-    def scores(name: str, w: torch.Tensor) -> torch.Tensor:
-        s = w.detach().abs().float().flatten()
-        if name in existing:
-            s = torch.where(existing[name].flatten(), s, torch.full_like(s, -1.0))  # pruned first
-        return s
-
-    groups = [[n] for n in weights] if granularity == "per_layer" else [list(weights)]
     out: Masks = {}
-    for names in groups:
-        flat = torch.cat([scores(n, weights[n]) for n in names]) if names else torch.empty(0)
+    for names, flat in magnitude_scores(weights, granularity, existing):
         n_zero = int(round(sparsity * flat.numel()))
         n_zero = max(n_zero, int((flat < 0).sum()))  # never revive a weight ``existing`` removed
-        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
         if n_zero > 0:
             # The n_zero smallest scores go; ties at the threshold by position (the same set a
             # stable argsort would pick, ~10x faster than sorting 21 M weights).
-            thr = torch.kthvalue(flat, n_zero).values
+            thr = torch.kthvalue(flat.cpu(), n_zero).values.to(flat.device)
             below = flat < thr
             ties = torch.nonzero(flat == thr).flatten()[: n_zero - int(below.sum())]
             keep &= ~below
             keep[ties] = False
-        offset = 0
-        for n in names:
-            numel = weights[n].numel()
-            out[n] = keep[offset : offset + numel].view(weights[n].shape).clone()
-            offset += numel
+        out.update(split_flat(keep, names, weights))
+    return out
+
+
+def magnitude_scores(
+    weights: Mapping[str, torch.Tensor], granularity: str = "global", existing: Mapping[str, torch.Tensor] | None = None
+) -> list[tuple[list[str], torch.Tensor]]:
+    """Groups of parameter names with their flat |w| scores; weights ``existing`` removed score -1.
+
+    One group for ``global``, one per tensor for ``per_layer``.
+    """
+    existing = existing or {}
+
+    def scores(name: str) -> torch.Tensor:
+        sc = weights[name].detach().abs().float().flatten()
+        if name in existing:
+            sc = torch.where(existing[name].flatten().to(sc.device), sc, torch.full_like(sc, -1.0))  # pruned first
+        return sc
+
+    groups = [[n] for n in weights] if granularity == "per_layer" else [list(weights)]
+    return [(names, torch.cat([scores(n) for n in names]) if names else torch.empty(0)) for names in groups]
+
+
+def split_flat(keep: torch.Tensor, names: list[str], weights: Mapping[str, torch.Tensor]) -> Masks:
+    """Cut a flat keep vector back into per-parameter masks shaped like ``weights``."""
+    out: Masks = {}
+    offset = 0
+    for n in names:
+        numel = weights[n].numel()
+        out[n] = keep[offset : offset + numel].view(weights[n].shape).clone()
+        offset += numel
     return out
 
 

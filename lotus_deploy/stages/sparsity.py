@@ -119,19 +119,12 @@ def ranked_masks(weights, granularity: str = "global", existing=None):
     """
     import torch
 
-    existing = existing or {}
-    groups = [[n] for n in weights] if granularity == "per_layer" else [list(weights)]
+    from ..masks import magnitude_scores, split_flat
+
     ranked = []
-    for names in groups:
-        parts = []
-        for n in names:
-            sc = weights[n].detach().abs().float().flatten()
-            if n in existing:
-                sc = torch.where(existing[n].flatten().to(sc.device), sc, torch.full_like(sc, -1.0))  # pruned first
-            parts.append(sc)
-        flat = torch.cat(parts) if parts else torch.empty(0)
+    for names, flat in magnitude_scores(weights, granularity, existing):
         ranked.append((names, torch.argsort(flat, stable=True), flat.numel(), int((flat < 0).sum())))
-        del flat, parts
+        del flat
 
     def masks_at(sparsity: float) -> dict:
         if not 0.0 <= sparsity < 1.0:
@@ -141,11 +134,7 @@ def ranked_masks(weights, granularity: str = "global", existing=None):
             n_zero = max(int(round(sparsity * numel)), n_existing)
             keep = torch.ones(numel, dtype=torch.bool, device=order.device)
             keep[order[:n_zero]] = False
-            offset = 0
-            for n in names:
-                k = weights[n].numel()
-                out[n] = keep[offset : offset + k].view(weights[n].shape).clone()
-                offset += k
+            out.update(split_flat(keep, names, weights))
         return out
 
     return masks_at
