@@ -41,14 +41,10 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CIFAR10 = SHARED / "data" / "cifar10"
-DINOV2 = SHARED / "weights" / "vit_small_patch14_dinov2.safetensors"
-MODEL = "vit_small_patch14_dinov2.lvd142m"
+from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header
+
 TRAIN = {"lr": 1e-3, "backbone_lr": 3e-5, "weight_decay": 0.05, "label_smoothing": 0.1}  # REFERENCE.md
 
 
@@ -110,18 +106,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- recipes
 
 
-def base_recipe(args, name: str) -> dict:
-    return {
-        "version": 1, "name": name, "seed": args.seed, "device": args.device,
-        "model": {"name": MODEL, "weights": str(DINOV2), "img_size": args.img_size, "num_classes": 10},
-        "data": {
-            "kind": "cifar10", "root": str(CIFAR10), "batch_size": args.batch, "eval_batch_size": 128,
-            "train_subset": args.train_subset, "eval_subset": args.eval_subset, "subset_seed": 0,
-            "augment": "crop_flip", "workers": args.workers,
-        },
-    }
-
-
 def dense_stages(args, eb_stop: bool = False) -> list[dict]:
     """The dense fine-tune (with early-bird detection) and the sweep: the shared prefix of every arm."""
     eb = {"sparsity": args.eb_sparsity, "every": args.eb_every, "window": args.eb_window,
@@ -181,7 +165,7 @@ def run_arm(args, name: str, stages: list[dict], log, seed_dir: Path | None) -> 
     from lotus_deploy.recipe import parse_recipe, stage_fingerprint
 
     run_dir = args.work / name
-    recipe = parse_recipe({**base_recipe(args, f"sparsity-soup-{name}"), "stages": stages})
+    recipe = parse_recipe({**reference_recipe(args, f"sparsity-soup-{name}"), "stages": stages})
     mpath = run_dir / "manifest.json"
     if mpath.is_file() and not args.fresh:
         old = read_json(mpath)["stages"]
@@ -207,22 +191,16 @@ def _metrics(arm: dict, stage: str) -> dict:
 
 def main(argv=None) -> int:  # noqa: C901 — one linear script
     args = parse_args(argv)
-    if not (CIFAR10.is_dir() and DINOV2.is_file()):
-        print(f"needs {CIFAR10} and {DINOV2} (../shared); not found", file=sys.stderr)
+    missing = missing_shared()
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
-    from lotus_deploy.io import sha256_file, write_json, write_text
-    from lotus_deploy.pipeline import environment
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    from lotus_deploy.io import write_json, write_text
 
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     res: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/sparsity_soup.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": environment(),
-        "weights_sha256": sha256_file(DINOV2),
+        **results_header("sparsity_soup.py", argv),
         "args": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
     }
 

@@ -28,14 +28,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CIFAR10 = SHARED / "data" / "cifar10"
-DINOV2 = SHARED / "weights" / "vit_small_patch14_dinov2.safetensors"
-MODEL = "vit_small_patch14_dinov2.lvd142m"
+from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header
+
 
 # name -> (selection, keep)
 ARMS = {
@@ -99,16 +95,7 @@ def recipe_dict(args, arm: str) -> dict:
         "label_smoothing": 0.1, "selection": selection, "keep": keep, "blocks": "last", "sink": "normalize",
         "scoring": "cached", "eval_tokens": "ticket" if selection == "attention" else "all", "show": 16,
     }
-    return {
-        "version": 1, "name": f"tickets-{arm}", "seed": args.seed, "device": args.device,
-        "model": {"name": MODEL, "weights": str(DINOV2), "img_size": args.img_size, "num_classes": 10},
-        "data": {
-            "kind": "cifar10", "root": str(CIFAR10), "batch_size": args.batch, "eval_batch_size": 128,
-            "train_subset": args.train_subset, "eval_subset": args.eval_subset, "subset_seed": 0,
-            "augment": "crop_flip", "workers": args.workers,
-        },
-        "stages": [stage],
-    }
+    return {**reference_recipe(args, f"tickets-{arm}"), "stages": [stage]}
 
 
 # ----------------------------------------------------------------------------- 1. step time
@@ -365,20 +352,15 @@ def protocol(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (CIFAR10.is_dir() and DINOV2.is_file()):
-        print(f"needs {CIFAR10} and {DINOV2} (../shared); not found", file=sys.stderr)
+    missing = missing_shared()
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     from lotus_deploy.io import write_json, write_text
-    from lotus_deploy.pipeline import environment
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
     res: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/tickets.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "environment": environment(),
+        **results_header("tickets.py", argv),
         "quick": args.quick,
         "eval_images": "10000" if args.full else args.eval_subset,
     }

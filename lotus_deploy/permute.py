@@ -154,24 +154,21 @@ def find_channel_groups(model: torch.nn.Module) -> tuple[dict[str, ChannelGroup]
     import torch.nn as nn
     from timm.layers import Attention, Mlp
 
+    # module class (exact: GluMlp/SwiGLU split fc1 differently) -> (group builder, consumer, residual reader)
+    kinds = {Mlp: (_mlp_group, "fc2", "fc1"), Attention: (_attn_group, "proj", "qkv")}
     groups: dict[str, ChannelGroup] = {}
     why: dict[str, str] = {}
     for name, m in model.named_modules():
+        if type(m) not in kinds:
+            continue
         prefix = f"{name}." if name else ""
-        if type(m) is Mlp:  # exact class: GluMlp/SwiGLU split fc1 differently
-            g, reason = _mlp_group(prefix, m)
-            if g:
-                groups[g.consumer] = g
-            else:
-                why[f"{prefix}fc2.weight"] = f"unsupported Mlp: {reason}"
-            why[f"{prefix}fc1.weight"] = "reads the residual stream (after a LayerNorm): its input channels cannot be permuted locally"
-        elif type(m) is Attention:
-            g, reason = _attn_group(prefix, m)
-            if g:
-                groups[g.consumer] = g
-            else:
-                why[f"{prefix}proj.weight"] = f"unsupported Attention: {reason}"
-            why[f"{prefix}qkv.weight"] = "reads the residual stream (after a LayerNorm): its input channels cannot be permuted locally"
+        build, consumer, reader = kinds[type(m)]
+        g, reason = build(prefix, m)
+        if g:
+            groups[g.consumer] = g
+        else:
+            why[f"{prefix}{consumer}.weight"] = f"unsupported {type(m).__name__}: {reason}"
+        why[f"{prefix}{reader}.weight"] = "reads the residual stream (after a LayerNorm): its input channels cannot be permuted locally"
     for name, m in model.named_modules():
         w = f"{name}.weight" if name else "weight"
         if isinstance(m, nn.Linear) and w not in groups and w not in why:

@@ -188,6 +188,19 @@ def test_union_levels_collapses_to_least_sparse_level(tiny_recipe_dict, tmp_path
     assert m["images_seen"]["learners"] == 40  # one model on 20% of the data
 
 
+def _crash_in_round(monkeypatch, index: int):
+    """Make ``soup.play_round`` raise in round ``index`` (0-based); returns the real function."""
+    real = soup.play_round
+
+    def crash(ctx, r, current):
+        if r == index:
+            raise RuntimeError(f"simulated crash in round {index + 1}")
+        return real(ctx, r, current)
+
+    monkeypatch.setattr(soup, "play_round", crash)
+    return real
+
+
 def test_resume_in_the_middle_of_isp(tiny_recipe_dict, tmp_path, monkeypatch):
     from lotus_deploy.pipeline import compress
 
@@ -196,14 +209,7 @@ def test_resume_in_the_middle_of_isp(tiny_recipe_dict, tmp_path, monkeypatch):
     ref = _soup_entry(clean)["metrics"]
     assert ref["n_rounds"] >= 3
 
-    real = soup.play_round
-
-    def crash_in_round_2(ctx, r, current):
-        if r == 1:
-            raise RuntimeError("simulated crash in round 2")
-        return real(ctx, r, current)
-
-    monkeypatch.setattr(soup, "play_round", crash_in_round_2)
+    real = _crash_in_round(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         compress(recipe, out=tmp_path / "crashed", quiet=True)
     entry = _soup_entry(tmp_path / "crashed")
@@ -224,15 +230,8 @@ def test_resume_in_the_middle_of_isp(tiny_recipe_dict, tmp_path, monkeypatch):
 def test_round_checkpoint_of_another_config_is_ignored(tiny_recipe_dict, tmp_path, monkeypatch):
     from lotus_deploy.pipeline import compress
 
-    real = soup.play_round
-
-    def crash(ctx, r, current):
-        if r == 1:
-            raise RuntimeError("crash")
-        return real(ctx, r, current)
-
-    monkeypatch.setattr(soup, "play_round", crash)
-    with pytest.raises(RuntimeError):
+    real = _crash_in_round(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
         compress(_recipe(copy.deepcopy(tiny_recipe_dict)), out=tmp_path / "run", quiet=True)
     monkeypatch.setattr(soup, "play_round", real)
     run = compress(_recipe(tiny_recipe_dict, step=0.25), out=tmp_path / "run", resume=True, quiet=True)
