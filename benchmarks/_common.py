@@ -60,3 +60,10 @@ def results_header(script: str, argv: list[str] | None) -> dict:
         "environment": environment(),
         "weights_sha256": sha256_file(DINOV2),
     }
+
+
+def standard_error_line(eval_images: int, top1: float = 85.0) -> str:
+    """The protocol line on noise: binomial standard error (points) of a top-1 near ``top1`` % on ``eval_images``."""
+    se = 100 * (top1 / 100 * (1 - top1 / 100) / eval_images) ** 0.5
+    return (f"Standard error of a top-1 near {top1:g}% on {eval_images:,} eval images is about {se:.1f} points "
+            f"(one image = {100 / eval_images:.2f} point); differences below that are noise.")

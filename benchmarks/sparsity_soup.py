@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header
+from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header, standard_error_line
 
 TRAIN = {"lr": 1e-3, "backbone_lr": 3e-5, "weight_decay": 0.05, "label_smoothing": 0.1}  # REFERENCE.md
 
@@ -469,7 +469,7 @@ def protocol(args, res: dict) -> list[str]:
         f"{args.eb_window}, threshold {args.eb_threshold:g}. Ticket arm: the dense fine-tune rerun with `stop: true` (same seeds, so the "
         "same trajectory up to the draw), pruned at the drawing check, fine-tuned with the budget; final arm: pruned after the whole dense "
         "fine-tune, same budget.",
-        "Standard error of a top-1 near 85% on 2,000 images is about 0.8 points; differences below that are noise.",
+        standard_error_line(args.eval_subset or 10000),
     ]
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header
+from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header, standard_error_line
 
 
 # name -> (selection, keep)
@@ -346,7 +346,7 @@ def protocol(args) -> list[str]:
         "Time to target is read at epoch ends (first epoch whose eval top-1 reaches the target).",
         f"Step time: one real batch of {args.batch}, random tickets at each keep, one warm-up step per keep, then {args.step_rounds} "
         f"interleaved round(s) of {args.step_iters} timed steps per keep; median reported.",
-        "Standard error of a top-1 near 85% on 2,000 images is about 0.8 points; differences below that are noise.",
+        standard_error_line(args.eval_subset or 10000),
     ]
 
 
