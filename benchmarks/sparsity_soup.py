@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--isp-learners", type=int, help="learners per round (default 3; full 5)")
     p.add_argument("--isp-fraction", type=float, help="data fraction per learner and for the main model (default 0.05; full 0.1)")
     p.add_argument("--isp-step", type=float, help="fraction of remaining weights a learner prunes per round (default 0.2; full 0.1)")
+    p.add_argument("--round-lr-scale", type=float, default=1.0,
+                   help="ISP and ISSP: multiply the learning rates in the rounds (learners, main model) by this; arms get a _rls<scale> suffix")
     p.add_argument("--issp-fraction", type=float, default=0.1, help="ISSP: data fraction of its one model (LOTUS: 10%%)")
     p.add_argument("--round-eval-images", type=int, help="eval images for per-round accuracies (default 500; full all; quick 32)")
     p.add_argument("--eb-sparsity", type=float, default=0.5, help="sparsity of the early-bird mask")
@@ -129,7 +131,13 @@ def soup_stage(args, target: float, combine: str, budget: int) -> dict:
         "learners": 1 if levels else args.isp_learners, "data_fraction": args.issp_fraction if levels else args.isp_fraction,
         "step": args.isp_step, "stop_within": 0.05, "main_epochs": 1.0, "budget_images": budget,
         "finetune_warmup": 0.1, "eval_rounds": True, "eval_images": args.round_eval_images, **TRAIN,
+        **({"round_lr_scale": args.round_lr_scale} if args.round_lr_scale != 1 else {}),
     }
+
+
+def soup_arm(args, kind: str, tag: str) -> str:
+    """Run-directory name of a soup arm: ``isp_60``, or ``isp_60_rls0.1`` with a round learning-rate scale."""
+    return f"{kind}_{tag}" + (f"_rls{args.round_lr_scale:g}" if args.round_lr_scale != 1 else "")
 
 
 def images_of_steps(steps: int, batch: int, n_train: int) -> int:
@@ -226,7 +234,7 @@ def main(argv=None) -> int:  # noqa: C901 — one linear script
         row: dict = {"target": t}
         budget = args.budget_images
         if "isp" not in args.skip:
-            arm = run_arm(args, f"isp_{tag}", prefix + start + [soup_stage(args, t, "union", budget)], log, dense_dir)
+            arm = run_arm(args, soup_arm(args, "isp", tag), prefix + start + [soup_stage(args, t, "union", budget)], log, dense_dir)
             m = _metrics(arm, "isp")
             row["isp"] = _soup_row(m, arm)
             budget = max(budget, m["images_seen"]["total"])
@@ -241,7 +249,7 @@ def main(argv=None) -> int:  # noqa: C901 — one linear script
                               "wall_s": arm["stages"]["oneshot"]["wall_s"] + arm["stages"]["recover"]["wall_s"],
                               "masks_hash": p["masks_hash"]}
         if "issp" not in args.skip:
-            arm = run_arm(args, f"issp_{tag}", prefix + [{"kind": "magnitude_prune", "name": "knee_prune", "sparsity": "knee"},
+            arm = run_arm(args, soup_arm(args, "issp", tag), prefix + [{"kind": "magnitude_prune", "name": "knee_prune", "sparsity": "knee"},
                                                         soup_stage(args, t, "union_levels", budget)], log, dense_dir)
             row["issp"] = _soup_row(_metrics(arm, "issp"), arm)
         res["targets"][tag] = row
@@ -454,7 +462,8 @@ def protocol(args, res: dict) -> list[str]:
         f"{args.img_size} px, new 10-class head. Seed {args.seed} for every run.",
         f"Training everywhere: AdamW, head lr {TRAIN['lr']:g}, backbone lr {TRAIN['backbone_lr']:g}, weight decay {TRAIN['weight_decay']:g}, "
         f"label smoothing {TRAIN['label_smoothing']:g}, batch {args.batch}. Dense: {args.dense_epochs:g} epoch(s), 10% warm-up then cosine. "
-        "Fine-tunes after pruning: 10% warm-up then cosine; soup learners and main-model rounds: constant lr, no warm-up.",
+        "Fine-tunes after pruning: 10% warm-up then cosine; soup learners and main-model rounds: constant lr, no warm-up"
+        + (f", scaled by {args.round_lr_scale:g} (`round_lr_scale`; the soups' final fine-tune is not scaled)." if args.round_lr_scale != 1 else "."),
         "Pruning scope: the Linear weights of the 12 blocks (qkv, proj, fc1, fc2), global L1 magnitude; sparsity = fraction of those weights set to zero.",
         f"Budget: every arm at a target sees the same number of training images after the dense fine-tune (learners, main-model "
         f"rounds and fine-tune all count): {args.budget_images} by default, raised to ISP's total when its rounds need more.",

@@ -85,6 +85,18 @@ def test_config_validation():
     assert InstantSoup(sparsity="knee").makes_masks
 
 
+
+@pytest.mark.parametrize("backbone_lr", [None, 3e-5], ids=["one-lr", "backbone-lr"])
+def test_round_lr_scale_scales_rounds_only(backbone_lr):
+    cfg = InstantSoup(sparsity=0.6, lr=1e-3, backbone_lr=backbone_lr, round_lr_scale=0.1)
+    spec = soup._Ctx(cfg, state=None, target=0.6, base_seed=0, bs=8).spec(1.0)
+    assert spec.lr == pytest.approx(1e-4) and spec.schedule == "constant" and spec.warmup == 0.0
+    assert spec.backbone_lr == (None if backbone_lr is None else pytest.approx(3e-6))
+    assert cfg.lr == 1e-3  # the config (and so the final fine-tune, which reads cfg.lr) is untouched
+    with pytest.raises(ValueError):
+        InstantSoup(sparsity=0.6, round_lr_scale=0)
+
+
 # ----------------------------------------------------------------------------- learners keep masks
 
 

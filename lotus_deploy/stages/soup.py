@@ -62,6 +62,9 @@ class InstantSoup(StageConfig):
     main_epochs: float = Field(1.0, ge=0, description="epochs over its fraction the main model trains each round (0: no main training)")
     lr: float = Field(1e-3, gt=0, description="learning rate of the head (and of the backbone unless backbone_lr), constant in rounds")
     backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head")
+    round_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="multiplies lr and backbone_lr while learners and the main model train in rounds; the final fine-tune uses them unscaled",
+    )
     weight_decay: float = Field(0.05, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
@@ -201,8 +204,8 @@ class _Ctx:
     def spec(self, epochs: float):
         from ..train import TrainSpec
 
-        c = self.cfg
-        return TrainSpec(train="all", epochs=epochs, lr=c.lr, backbone_lr=c.backbone_lr, weight_decay=c.weight_decay,
+        c, k = self.cfg, self.cfg.round_lr_scale
+        return TrainSpec(train="all", epochs=epochs, lr=k * c.lr, backbone_lr=c.backbone_lr and k * c.backbone_lr, weight_decay=c.weight_decay,
                          warmup=0.0, schedule="constant", label_smoothing=c.label_smoothing, eval_every_epoch=False)
 
     def evaluate(self, model, desc: str) -> float:
