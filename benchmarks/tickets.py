@@ -12,6 +12,8 @@ Three measurements, written as a table with its protocol to ``benchmarks/results
    time to reach (all patches at epoch 5) - 1 point with tickets <= 0.6 x that with all patches.
 3. Sink handling: how much ``sink: normalize`` and ``sink: exclude`` tickets differ (last block
    and mean over blocks, keep 0.9/0.7/0.5) on the first training images.
+4. Where the keep-0.7 attention tickets drop patches: per-position drop frequency over the
+   training images, from the arm's cached scores (no extra model pass).
 
 Usage::
 
@@ -215,6 +217,30 @@ def goals(arms: dict[str, dict]) -> dict:
     return out
 
 
+def position_bias(args, arm: dict) -> dict:
+    """Where an attention arm's training tickets drop patches, from its cached scores.
+
+    Returns:
+        ``grid``: (rows, cols) fraction of images dropping each patch position; ``positional``:
+        share of all dropped patches that lie in the P - K most-dropped positions (1.0 = one
+        fixed positional mask for every image; a uniform random choice gives (P - K) / P).
+    """
+    import math
+
+    from lotus_deploy.io import load_tensors
+    from lotus_deploy.tickets import drop_frequency, num_kept, select_tickets
+
+    scores = load_tensors(Path(arm["run_dir"]) / arm["scores_file"])["normalize"]  # (n, P)
+    n, P = scores.shape
+    K = num_kept(P, ARMS[arm["arm"]][1])
+    table = select_tickets(scores, n, P, ARMS[arm["arm"]][1], "attention")
+    freq = drop_frequency(table, P)  # (P,)
+    positional = (freq.topk(P - K).values.sum() / freq.sum()).item()
+    side = math.isqrt(P)
+    return {"arm": arm["arm"], "images": n, "patches": P, "kept": K, "grid": freq.view(side, side).tolist(),
+            "positional": positional, "positional_chance": (P - K) / P}
+
+
 # ----------------------------------------------------------------------------- 3. sink comparison
 
 
@@ -307,6 +333,24 @@ def markdown(args, res: dict) -> str:
                     f"(goal ≤ 0.6): **{'met' if t['met'] else 'not met'}**."
                 )
         lines.append("")
+    pb = res.get("position_bias")
+    if pb:
+        side = len(pb["grid"])
+        lines += [
+            f"## Where {pb['arm']} drops patches ({pb['images']} training images, {pb['patches'] - pb['kept']} of {pb['patches']} dropped each)",
+            "",
+            "Fraction of images that drop each patch position (rows top to bottom, as in the image):",
+            "",
+            "| row | " + " | ".join(f"c{c}" for c in range(side)) + " |",
+            "|---:|" + "---:|" * side,
+        ]
+        lines += [f"| r{r} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for r, row in enumerate(pb["grid"])]
+        lines += [
+            "",
+            f"{100 * pb['positional']:.1f}% of the dropped patches lie in the {pb['patches'] - pb['kept']} most-dropped positions "
+            f"(one fixed positional mask: 100%; uniform random: {100 * pb['positional_chance']:.1f}%).",
+            "",
+        ]
     if res.get("sink"):
         lines += [
             "## Sink handling: normalize (LOTUS) vs exclude (Data-LTH)",
@@ -375,6 +419,8 @@ def main(argv=None) -> int:
             h = res["arms"][arm]["history"]
             log(f"{arm}: " + ", ".join(f"ep {x['epoch']} {x.get('eval_top1', float('nan')):.2f}%" for x in h))
         res["goals"] = goals(res["arms"])
+        if "attention-0.7" in res["arms"]:
+            res["position_bias"] = position_bias(args, res["arms"]["attention-0.7"])
     res["protocol"] = protocol(args)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "tickets.json", res)

@@ -289,6 +289,21 @@ def ticket_overlap(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     }
 
 
+def drop_frequency(table: torch.Tensor, patches: int) -> torch.Tensor:
+    """Fraction of images that drop each patch position, from a ticket table.
+
+    Args:
+        table: (n, K) kept patch indices.
+        patches: P, patches per image.
+
+    Returns:
+        float (P,), each in [0, 1]; the mean is ``1 - K / P``.
+    """
+    kept = torch.zeros(table.shape[0], patches)  # (n, P)
+    kept.scatter_(1, table.long().cpu(), 1.0)
+    return 1.0 - kept.mean(0)
+
+
 class TicketDataset(Dataset):
     """``(image, label, kept_indices)`` items: a dataset and its ticket table (len, K)."""
 

@@ -157,6 +157,14 @@ def test_random_tickets_seeded_per_epoch_and_differ_from_attention():
     assert T.ticket_overlap(att, att) == {"shared": 1.0, "images_changed": 0.0}
 
 
+def test_drop_frequency_counts_dropped_positions():
+    table = torch.tensor([[0, 1], [0, 2], [0, 3]])  # P = 4, K = 2: patch 0 always kept
+    f = T.drop_frequency(table, 4)
+    assert torch.allclose(f, torch.tensor([0.0, 2 / 3, 2 / 3, 2 / 3]))
+    r = T.select_tickets(None, 50, 16, 0.75, "random", seed=1)
+    assert T.drop_frequency(r, 16).mean().item() == pytest.approx(1 - 12 / 16)
+
+
 def test_attention_selection_needs_matching_scores():
     with pytest.raises(ValueError):
         T.select_tickets(None, 4, 16, 0.5, "attention")
