@@ -6,7 +6,7 @@ Three measurements, written as a table with its protocol to ``benchmarks/results
 1. Training-step time (forward + backward + AdamW step, batch 64) at keep 1.0, 0.9, 0.7, 0.5
    with the token-dropping forward. Goal: time(keep) <= (keep + 0.05) x time(1.0).
 2. Accuracy after each of epochs 1..5 for keep-0.7 attention tickets, keep-0.7 random patches
-   and all patches (``selection: full``), plus the paper's setting (attention, drop 10%): each arm
+   and all patches (``selection: full``), plus the paper's setting (drop 10%, attention and random): each arm
    is one ``lottery_finetune`` stage run by ``lotus_deploy.pipeline.compress`` from the pretrained
    weights, same seeds, subsets and steps. Goals: tickets >= random + 1 point at epoch 5; wall
    time to reach (all patches at epoch 5) - 1 point with tickets <= 0.6 x that with all patches.
@@ -43,7 +43,7 @@ ARMS = {
     "attention-drop0.1": ("attention", 0.9),
     "random-drop0.1": ("random", 0.9),
 }
-DEFAULT_ARMS = ["attention-0.7", "random-0.7", "all-patches", "attention-drop0.1"]
+DEFAULT_ARMS = ["attention-0.7", "random-0.7", "all-patches", "attention-drop0.1", "random-drop0.1"]
 STEP_KEEPS = [1.0, 0.9, 0.7, 0.5]
 
 
