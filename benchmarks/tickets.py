@@ -228,12 +228,12 @@ def position_bias(args, arm: dict) -> dict:
     import math
 
     from lotus_deploy.io import load_tensors
-    from lotus_deploy.tickets import drop_frequency, num_kept, select_tickets
+    from lotus_deploy.tickets import drop_frequency, select_tickets
 
     scores = load_tensors(Path(arm["run_dir"]) / arm["scores_file"])["normalize"]  # (n, P)
     n, P = scores.shape
-    K = num_kept(P, ARMS[arm["arm"]][1])
-    table = select_tickets(scores, n, P, ARMS[arm["arm"]][1], "attention")
+    table = select_tickets(scores, n, P, ARMS[arm["arm"]][1], "attention")  # (n, K)
+    K = table.shape[1]
     freq = drop_frequency(table, P)  # (P,)
     positional = (freq.topk(P - K).values.sum() / freq.sum()).item()
     side = math.isqrt(P)

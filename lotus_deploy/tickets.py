@@ -289,6 +289,12 @@ def ticket_overlap(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     }
 
 
+def kept_mask(table: torch.Tensor, patches: int) -> torch.Tensor:
+    """Boolean (n, P) on the CPU: True where the ticket table (n, K) keeps the patch."""
+    keep = torch.zeros(table.shape[0], patches, dtype=torch.bool)
+    return keep.scatter_(1, table.cpu().long(), True)
+
+
 def drop_frequency(table: torch.Tensor, patches: int) -> torch.Tensor:
     """Fraction of images that drop each patch position, from a ticket table.
 
@@ -299,9 +305,7 @@ def drop_frequency(table: torch.Tensor, patches: int) -> torch.Tensor:
     Returns:
         float (P,), each in [0, 1]; the mean is ``1 - K / P``.
     """
-    kept = torch.zeros(table.shape[0], patches)  # (n, P)
-    kept.scatter_(1, table.long().cpu(), 1.0)
-    return 1.0 - kept.mean(0)
+    return 1.0 - kept_mask(table, patches).float().mean(0)
 
 
 class TicketDataset(Dataset):
@@ -411,9 +415,7 @@ def grey_dropped(images: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int],
     """
     B, _, H, W = images.shape
     gh, gw = grid
-    keep = torch.zeros(B, gh * gw, dtype=torch.bool)
-    keep.scatter_(1, idx.cpu().long(), True)
-    keep = keep.view(B, 1, gh, gw).float()
+    keep = kept_mask(idx, gh * gw).view(B, 1, gh, gw).float()
     keep = torch.nn.functional.interpolate(keep, size=(H, W), mode="nearest")  # (B, 1, H, W)
     return images * keep + grey * (1 - keep)
 
