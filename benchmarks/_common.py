@@ -51,8 +51,8 @@ def reference_recipe(args, name: str) -> dict:
 
 def results_header(script: str, argv: list[str] | None) -> dict:
     """Date (UTC), the command line, the environment and the weights' sha256 of a results file."""
-    from lotus_deploy.io import sha256_file
-    from lotus_deploy.pipeline import environment
+    from lotus_deploy.files import sha256_file
+    from lotus_deploy.run import environment
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -62,8 +62,8 @@ def measure(shape: dict, backends: list[str], dtype, warmup: int, iters: int) ->
     import torch
     import torch.nn.functional as F
 
+    from lotus_deploy.prune.two_four import two_four_masks
     from lotus_deploy.semi_structured_torch import backend_class
-    from lotus_deploy.sparsity24 import two_four_masks
 
     torch.manual_seed(0)
     m, k, n = shape["M"], shape["K"], shape["N"]
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lotus_deploy.io import write_json, write_text
+    from lotus_deploy.files import write_json, write_text
     from lotus_deploy.semi_structured_torch import unavailable_reason
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]

@@ -54,12 +54,12 @@ def main() -> None:
 
     import torch
 
-    from lotus_deploy.backends import BACKENDS, BackendContext
-    from lotus_deploy.bench import Timed, bench_environment, time_arms
-    from lotus_deploy.config import ModelConfig
-    from lotus_deploy.io import sha256_file, write_json, write_text
+    from lotus_deploy.bench.backends import BACKENDS, BackendContext
+    from lotus_deploy.bench.run import Timed, bench_environment, time_arms
+    from lotus_deploy.export.onnx_export import export_onnx
+    from lotus_deploy.files import sha256_file, write_json, write_text
     from lotus_deploy.models import build_model, input_spec
-    from lotus_deploy.onnx_export import export_onnx
+    from lotus_deploy.recipe.base import ModelConfig
 
     batches = [int(b) for b in a.batches.split(",")]
     thread_counts = [int(t) for t in a.threads.split(",")]

@@ -35,7 +35,6 @@ once), and finished arms are reused on a rerun (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -43,7 +42,15 @@ import sys
 import time
 from pathlib import Path
 
-from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header, standard_error_line
+from _common import (
+    MODEL,
+    ROOT,
+    log,
+    missing_shared,
+    reference_recipe,
+    results_header,
+    standard_error_line,
+)
 
 TRAIN = {"lr": 1e-3, "backbone_lr": 3e-5, "weight_decay": 0.05, "label_smoothing": 0.1}  # REFERENCE.md
 
@@ -168,7 +175,7 @@ def run_arm(args, name: str, stages: list[dict], log, seed_dir: Path | None) -> 
     """Run (or reuse) one arm; returns ``{"run_dir", "stages": {name: entry}, "wall_s"}``."""
     import torch
 
-    from lotus_deploy.io import read_json
+    from lotus_deploy.files import read_json
     from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe, stage_fingerprint
 
@@ -203,7 +210,7 @@ def main(argv=None) -> int:  # noqa: C901 — one linear script
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    from lotus_deploy.io import write_json, write_text
+    from lotus_deploy.files import write_json, write_text
 
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)

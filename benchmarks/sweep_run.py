@@ -34,13 +34,13 @@ def main() -> int:
 
     import torch
 
-    from lotus_deploy.io import sha256_file, write_json, write_text
+    from lotus_deploy.files import sha256_file, write_json, write_text
     from lotus_deploy.masks import apply_masks_
-    from lotus_deploy.pipeline import Run, environment
+    from lotus_deploy.recipe.stages import EssentialSparsity, Finetune
     from lotus_deploy.registry import STAGES
-    from lotus_deploy.stages.finetune import Finetune, run_training
+    from lotus_deploy.run import Run, environment
+    from lotus_deploy.stages.finetune import run_training
     from lotus_deploy.stages.prune import mask_report, prune_masks
-    from lotus_deploy.stages.sparsity import EssentialSparsity
 
     run = Run(args.run)
     state = state0 = run.state(args.variant)
@@ -102,7 +102,7 @@ def main() -> int:
         "",
         f"- model `{protocol['model']}` at {protocol['img_size']} px; variant sha256 `{protocol['variant_sha256'][:16]}`; pretrained weights sha256 `{(protocol['pretrained_weights_sha256'] or '-')[:16]}`",
         f"- data: train subset {protocol['train_subset']}, eval subset {protocol['eval_subset']} (class-balanced, seed {protocol['subset_seed']}); {m['eval_images']} eval images (1 image = {100 / m['eval_images']:.2f} points)",
-        f"- one-shot global L1 magnitude over the block Linears (`blocks.*`), every point from the same dense weights",
+        "- one-shot global L1 magnitude over the block Linears (`blocks.*`), every point from the same dense weights",
         f"- machine: {env['cpu']} ({env['cpu_count']} cores, {protocol['torch_threads']} torch threads), torch {env['torch']}, timm {env['timm']}; wall {wall:.0f} s",
         f"- sweep cost: {m['evaluations']} evaluations in {m['sweep_wall_s']:.1f} s = {m['cost_ratio']:.3f} x (points x one evaluation)",
         "",

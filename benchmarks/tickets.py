@@ -32,8 +32,15 @@ import sys
 import time
 from pathlib import Path
 
-from _common import MODEL, ROOT, log, missing_shared, reference_recipe, results_header, standard_error_line
-
+from _common import (
+    MODEL,
+    ROOT,
+    log,
+    missing_shared,
+    reference_recipe,
+    results_header,
+    standard_error_line,
+)
 
 # name -> (selection, keep)
 ARMS = {
@@ -111,10 +118,16 @@ def step_times(args, log) -> list[dict]:
 
     from lotus_deploy.data import build_data
     from lotus_deploy.models import build_model, input_spec
-    from lotus_deploy.pipeline import resolve_device
+    from lotus_deploy.prune.tickets import (
+        forward_tokens,
+        num_kept,
+        num_patches,
+        select_tickets,
+    )
     from lotus_deploy.recipe import parse_recipe
-    from lotus_deploy.tickets import forward_tokens, num_kept, num_patches, select_tickets
-    from lotus_deploy.train import _autocast, param_groups
+    from lotus_deploy.run import resolve_device
+    from lotus_deploy.train import autocast as precision
+    from lotus_deploy.train import param_groups
 
     r = parse_recipe(recipe_dict(args, "all-patches"))
     device = resolve_device(r.device)
@@ -126,7 +139,7 @@ def step_times(args, log) -> list[dict]:
     opt = torch.optim.AdamW(param_groups(model, "all", 1e-3, 3e-5, 0.05), lr=1e-3)
     P = num_patches(model)
     tables = {k: select_tickets(None, x.shape[0], P, k, "random", args.seed).to(device) for k in STEP_KEEPS}
-    autocast = _autocast(device)
+    autocast = precision(device)
 
     def sync():
         if device.type == "cuda":
@@ -169,7 +182,7 @@ def step_times(args, log) -> list[dict]:
 
 def run_arm(args, arm: str, log) -> dict:
     """Run (or reuse) one arm; returns its stage metrics and wall time."""
-    from lotus_deploy.io import read_json
+    from lotus_deploy.files import read_json
     from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe
 
@@ -227,8 +240,8 @@ def position_bias(args, arm: dict) -> dict:
     """
     import math
 
-    from lotus_deploy.io import load_tensors
-    from lotus_deploy.tickets import drop_frequency, select_tickets
+    from lotus_deploy.files import load_tensors
+    from lotus_deploy.prune.tickets import drop_frequency, select_tickets
 
     scores = load_tensors(Path(arm["run_dir"]) / arm["scores_file"])["normalize"]  # (n, P)
     n, P = scores.shape
@@ -250,9 +263,16 @@ def sink_comparison(args, log) -> list[dict]:
 
     from lotus_deploy.data import build_data
     from lotus_deploy.models import build_model, input_spec
-    from lotus_deploy.pipeline import resolve_device
+    from lotus_deploy.prune.tickets import (
+        num_kept,
+        num_patches,
+        resolve_blocks,
+        score_dataset,
+        select_tickets,
+        ticket_overlap,
+    )
     from lotus_deploy.recipe import parse_recipe
-    from lotus_deploy.tickets import num_kept, num_patches, resolve_blocks, score_dataset, select_tickets, ticket_overlap
+    from lotus_deploy.run import resolve_device
 
     r = parse_recipe(recipe_dict(args, "attention-0.7"))
     device = resolve_device(r.device)
@@ -400,7 +420,7 @@ def main(argv=None) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    from lotus_deploy.io import write_json, write_text
+    from lotus_deploy.files import write_json, write_text
 
     args.work.mkdir(parents=True, exist_ok=True)
     res: dict = {

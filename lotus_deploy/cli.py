@@ -15,8 +15,8 @@ SET_HELP = "override a recipe field, typed by the schema: --set stages.1.sparsit
 @contextmanager
 def _user_errors():
     """Turn recipe and run errors into a message on stderr and exit code 2 (no traceback)."""
-    from .pipeline import RunError
-    from .recipe import RecipeError
+    from lotus_deploy.errors import LotusError
+    from lotus_deploy.recipe import RecipeError
 
     try:
         yield
@@ -25,7 +25,7 @@ def _user_errors():
         for p in e.problems:
             click.echo("  " + p.format(e.source), err=True)
         sys.exit(2)
-    except (RunError, FileNotFoundError) as e:
+    except (LotusError, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
 
@@ -42,7 +42,7 @@ def main() -> None:
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check RECIPE and report every problem at once (exit code 2 when invalid)."""
     with _user_errors():
-        from .recipe import load_recipe
+        from lotus_deploy.recipe import load_recipe
 
         r = load_recipe(recipe, list(overrides))
     click.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.name for s in r.stages)})")
@@ -51,7 +51,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of recipes."""
-    from .recipe import recipe_schema
+    from lotus_deploy.recipe import recipe_schema
 
     click.echo(json.dumps(recipe_schema(), indent=2))
 
@@ -66,8 +66,8 @@ def schema() -> None:
 def compress(recipe: Path, out: Path | None, resume: bool, force: bool, overrides: tuple[str, ...], quiet: bool) -> None:
     """Run every stage of RECIPE into runs/<name>/ (or --out)."""
     with _user_errors():
-        from .pipeline import compress as run_compress
-        from .recipe import load_recipe
+        from lotus_deploy.pipeline import compress as run_compress
+        from lotus_deploy.recipe import load_recipe
 
         r = load_recipe(recipe, list(overrides))
         run_dir = run_compress(r, out=out, resume=resume, force=force, quiet=quiet)
@@ -84,14 +84,14 @@ def compress(recipe: Path, out: Path | None, resume: bool, force: bool, override
 def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_dir: Path | None) -> None:
     """Export a run's model to ONNX, checked against PyTorch on eval images (and a TensorRT engine, a Triton repository)."""
     with _user_errors():
-        from .pipeline import Run
-        from .stages.export import export_state
+        from lotus_deploy.run import Run
+        from lotus_deploy.stages.export import export_state
 
         state = Run(run).state(variant)
         out = out or run / "export"
         if build_trt:
-            from .stages.engine import engine_for_state, engine_settings
-            from .trt import TensorRTUnavailable
+            from lotus_deploy.export.trt import TensorRTUnavailable
+            from lotus_deploy.stages.engine import engine_for_state, engine_settings
 
             try:
                 metrics, arts = engine_for_state(engine_settings(state.recipe), state, out)
@@ -104,7 +104,7 @@ def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_di
             metrics, arts = export_state(state, out)
             click.echo(f"onnx: {arts['onnx']}  max|diff| {metrics['max_abs_diff']:.2e}  top-1 agreement {100 * metrics['top1_agreement']:.1f}%")
         if triton_dir:
-            from .triton import write_repository
+            from lotus_deploy.export.triton import write_repository
 
             config = write_repository(arts.get("engine") or arts["onnx"], triton_dir, state.recipe.name)
             click.echo(f"triton: {config}")
@@ -121,7 +121,8 @@ def predict(artifact: Path, images: tuple[Path, ...], top_k: int, variant: str, 
     with _user_errors():
         from PIL import UnidentifiedImageError
 
-        from .runtime import InputError, load
+        from lotus_deploy.errors import InputError
+        from lotus_deploy.runtime import load
 
         try:
             results = load(artifact, variant=variant).classify(images, top_k=top_k)
@@ -157,8 +158,8 @@ def bench(runs: tuple[Path, ...], batch: str | None, variants: str | None, backe
     if len(runs) > 2:
         raise click.UsageError("give one run to benchmark, or two runs / results files to compare")
     with _user_errors():
-        from .bench import load_results, run_bench
-        from .pipeline import Run
+        from lotus_deploy.bench.run import load_results, run_bench
+        from lotus_deploy.run import Run
 
         def bench_run(run: Path, where: Path) -> Path:
             from pydantic import ValidationError
@@ -186,8 +187,8 @@ def bench(runs: tuple[Path, ...], batch: str | None, variants: str | None, backe
             where = bench_run(runs[0], out or runs[0] / "bench")
             click.echo(f"report: {where / 'report.md'}")
             return
-        from .io import write_json, write_text
-        from .report import compare, compare_markdown
+        from lotus_deploy.bench.report import compare, compare_markdown
+        from lotus_deploy.files import write_json, write_text
 
         loaded = []
         for p in runs:
@@ -210,7 +211,7 @@ def bench(runs: tuple[Path, ...], batch: str | None, variants: str | None, backe
 def tickets(run: Path, show: int, stage: str | None, out: Path | None) -> None:
     """Draw a run's data lottery tickets: N training images with dropped patches greyed out."""
     with _user_errors():
-        from .stages.lottery import show_run_tickets
+        from lotus_deploy.stages.lottery import show_run_tickets
 
         path = show_run_tickets(run, show, out, stage)
     click.echo(f"tickets: {path}")
@@ -222,7 +223,7 @@ def tickets(run: Path, show: int, stage: str | None, out: Path | None) -> None:
 def inspect(path: Path, as_json: bool) -> None:
     """Per-layer shape, sparsity, 2:4 compliance and non-zeros of a checkpoint, run directory or .onnx."""
     with _user_errors():
-        from .inspect import format_report, inspect_path
+        from lotus_deploy.inspection import format_report, inspect_path
 
         try:
             rep = inspect_path(path)

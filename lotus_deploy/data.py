@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .config import DataConfig
-from .models import InputSpec
-from .progress import bar
+from lotus_deploy.models import InputSpec
+from lotus_deploy.progress import bar
+from lotus_deploy.recipe.base import DataConfig
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -81,7 +81,7 @@ def build_transform(spec: InputSpec, train: bool, augment: str = "none"):
     return T.Compose(ops)
 
 
-def _split(cfg: DataConfig, train: bool, transform) -> Dataset:
+def split_dataset(cfg: DataConfig, train: bool, transform) -> Dataset:
     """The full train or eval split (before subsetting) with ``targets`` and ``classes``."""
     from torchvision.datasets import CIFAR10, ImageFolder
 
@@ -173,8 +173,8 @@ def build_data(cfg: DataConfig, spec: InputSpec) -> DataBundle:
         FileNotFoundError / RuntimeError: dataset missing (torchvision's message says how to
             download).
     """
-    train_full = _split(cfg, True, build_transform(spec, True, cfg.augment))
-    eval_full = _split(cfg, False, build_transform(spec, False))
+    train_full = split_dataset(cfg, True, build_transform(spec, True, cfg.augment))
+    eval_full = split_dataset(cfg, False, build_transform(spec, False))
     subsets: dict[str, list[int] | None] = {"train": None, "eval": None}
     train, ev = train_full, eval_full
     if cfg.train_subset is not None and cfg.train_subset < len(train_full):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
+from lotus_deploy.recipe.base import ModelConfig
 
 _TINY_REGISTERED = False
 

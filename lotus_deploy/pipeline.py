@@ -1,212 +1,25 @@
-"""The runner: a recipe's stages, one after another, into a run directory that can be resumed.
-
-Run directory layout::
-
-    runs/<name>/
-      recipe.yaml          resolved recipe (every default written out)
-      manifest.json        per stage: status, times, metrics, artifacts with sha256
-      env.json             versions, CPU/GPU, torch threads
-      run.log              the log
-      subsets.json         indices of the seeded train/eval subsets
-      initial/model.safetensors
-      stages/NN_<name>/model.safetensors, masks.safetensors, ...
-      export/model.onnx    bench/report.{json,md}
-"""
+"""The runner: a recipe's stages, one after another, into a run directory that can be resumed."""
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .io import read_json, sha256_file, write_json, write_text
-
-MANIFEST_VERSION = 1
-
-
-class RunError(Exception):
-    """A run that cannot start or continue (the message says why and what to do)."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def resolve_device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"device {spec!r} requested but CUDA is not available (use device: auto or cpu)")
-    return torch.device(spec)
-
-
-def environment() -> dict[str, Any]:
-    """Versions, CPU/GPU and thread settings of this process."""
-    import os
-    import platform
-
-    import torch
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    for mod in ("timm", "torchvision", "onnx", "onnxruntime", "numpy", "pydantic", "tensorrt"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 — absent or broken optional package
-            env[mod] = None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["gpu_capability"] = list(torch.cuda.get_device_capability())
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
-def setup_logging(run_dir: Path, quiet: bool) -> logging.Logger:
-    log = logging.getLogger("lotus")
-    log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fh = logging.FileHandler(run_dir / "run.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(fh)
-    if not quiet:
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(sh)
-    log.propagate = False
-    return log
-
-
-def _artifact(run_dir: Path, path: Path) -> dict[str, Any]:
-    path = Path(path)
-    return {"path": str(path.relative_to(run_dir)), "sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def save_checkpoint(state, directory: Path) -> dict[str, dict]:
-    """model.safetensors (+ masks.safetensors when masks exist) in ``directory``; artifact records."""
-    from .io import save_tensors
-
-    arts = {"model": _artifact(state.run_dir, save_tensors(directory / "model.safetensors", state.model.state_dict()))}
-    if state.masks:
-        arts["masks"] = _artifact(state.run_dir, save_tensors(directory / "masks.safetensors", state.masks))
-    return arts
-
-
-def load_checkpoint(run_dir: Path, entry: dict, model, device):
-    """Load the model weights (and masks) an entry's artifacts point at; returns the masks."""
-    from .io import load_tensors
-
-    arts = entry["artifacts"]
-    model.load_state_dict(load_tensors(run_dir / arts["model"]["path"]))
-    model.to(device)
-    if "masks" in arts:
-        return {k: v.to(device) for k, v in load_tensors(run_dir / arts["masks"]["path"]).items()}
-    return {}
-
-
-def verify(run_dir: Path, entry: dict) -> str | None:
-    """None when every artifact of the entry exists with its recorded sha256, else why not."""
-    for name, a in entry.get("artifacts", {}).items():
-        p = run_dir / a["path"]
-        if not p.is_file():
-            return f"{name} artifact {a['path']} is missing"
-        if sha256_file(p) != a["sha256"]:
-            return f"{name} artifact {a['path']} does not match its recorded sha256"
-    return None
-
-
-def checkpoint_entry(manifest: dict, upto: int | None = None) -> dict:
-    """The manifest entry holding the model after stage ``upto`` (None: the last done stage)."""
-    best = manifest["initial"]
-    for e in manifest["stages"]:
-        if upto is not None and e["index"] > upto:
-            break
-        if e["status"] == "done" and "model" in e.get("artifacts", {}):
-            best = e
-    return best
-
-
-def variant_entries(recipe, manifest: dict) -> dict[str, dict]:
-    """Variant name -> manifest entry with its checkpoint.
-
-    ``initial``: the model as built; ``dense``: the model just before the first stage that
-    makes masks (or the final model when none does); ``final``: after the last stage; and every
-    finished stage by name.
-    """
-    done = [e for e in manifest["stages"] if e["status"] == "done"]
-    out = {"initial": manifest["initial"]}
-    first_pruner = next((i for i, s in enumerate(recipe.stages) if s.makes_masks), None)
-    out["dense"] = checkpoint_entry(manifest, None if first_pruner is None else first_pruner - 1) if first_pruner != 0 else manifest["initial"]
-    out["final"] = checkpoint_entry(manifest)
-    for e in done:
-        out[e["name"]] = checkpoint_entry(manifest, e["index"])
-    return out
-
-
-class Run:
-    """A run directory opened for reading (export, bench, inspect)."""
-
-    def __init__(self, run_dir: str | Path):
-        from .recipe import load_recipe
-
-        self.dir = Path(run_dir)
-        if not (self.dir / "manifest.json").is_file():
-            raise RunError(f"{self.dir} is not a lotus run directory (no manifest.json)")
-        self.recipe = load_recipe(self.dir / "recipe.yaml")
-        self.manifest = read_json(self.dir / "manifest.json")
-
-    def variants(self) -> dict[str, dict]:
-        return variant_entries(self.recipe, self.manifest)
-
-    def load(self, variant: str = "final", device: str = "cpu"):
-        """(model, masks) of a variant, built bare and loaded from its checkpoint."""
-        import torch
-
-        from .models import build_model
-
-        entries = self.variants()
-        if variant not in entries:
-            raise RunError(f"no variant {variant!r} in {self.dir}; have: {', '.join(entries)}")
-        model = build_model(self.recipe.model, with_weights=False)
-        masks = load_checkpoint(self.dir, entries[variant], model, torch.device(device))
-        return model.eval(), masks
-
-    def state(self, variant: str = "final", quiet: bool = False):
-        """A RunState over a variant, for commands that reuse stage code outside ``compress``."""
-        from .state import RunState
-
-        device = resolve_device(self.recipe.device)
-        model, masks = self.load(variant, str(device))
-        log = logging.getLogger("lotus.cli")
-        if not log.handlers and not quiet:
-            log.addHandler(logging.StreamHandler(sys.stderr))
-            log.setLevel(logging.INFO)
-        return RunState(recipe=self.recipe, run_dir=self.dir, device=device, model=model, masks=masks, log=log, manifest=self.manifest)
+from lotus_deploy.errors import RunError
+from lotus_deploy.files import read_json, write_json, write_text
+from lotus_deploy.run import (
+    MANIFEST_VERSION,
+    _artifact,
+    _now,
+    checkpoint_entry,
+    environment,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    setup_logging,
+    verify,
+)
 
 
 def compress(recipe, out: str | Path | None = None, resume: bool = False, force: bool = False, quiet: bool = False) -> Path:
@@ -224,11 +37,11 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
     """
     import torch
 
-    from .models import build_model
-    from .progress import set_quiet
-    from .recipe import dump_recipe, stage_fingerprint
-    from .registry import STAGES
-    from .state import RunState
+    from lotus_deploy.models import build_model
+    from lotus_deploy.progress import set_quiet
+    from lotus_deploy.recipe import dump_recipe, stage_fingerprint
+    from lotus_deploy.stages import stage_fn
+    from lotus_deploy.state import RunState
 
     set_quiet(quiet)
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
@@ -296,7 +109,7 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
         t0 = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
-                result = STAGES[cfg.kind].fn(cfg, state)
+                result = stage_fn(cfg)(cfg, state)
         except BaseException as e:
             entry.update(status="failed", ended=_now(), wall_s=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
             write_json(manifest_path, manifest)
@@ -314,13 +127,13 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
 
 
 def _initial_fingerprint(recipe) -> str:
-    from .io import sha256_json
+    from lotus_deploy.files import sha256_json
 
     return sha256_json(recipe.model.model_dump(mode="json", exclude_defaults=True))
 
 
 def _check_resumable(recipe, old: dict, run_dir: Path) -> None:
-    from .recipe import stage_fingerprint
+    from lotus_deploy.recipe import stage_fingerprint
 
     fp = (old.get("initial") or {}).get("fingerprint")
     if fp is not None and fp != _initial_fingerprint(recipe):

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .io import atomic_path
+from lotus_deploy.files import atomic_path
 
 
 def new_figure(width: float = 6.4, height: float = 4.2) -> Figure:

@@ -22,12 +22,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from lotus_deploy.errors import InputError
+from lotus_deploy.files import CHECKPOINT_SUFFIXES
+
 ENGINE_SUFFIXES = (".plan", ".engine")
-CHECKPOINT_SUFFIXES = (".safetensors",)
 
-
-class InputError(ValueError):
-    """A batch or image the predictor cannot take (the message says what was expected)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,8 @@ class Preprocess:
 
     def transform(self):
         """The eval transform of :mod:`lotus_deploy.data` (resize -> tensor -> normalize)."""
-        from .data import build_transform
-        from .models import InputSpec
+        from lotus_deploy.data import build_transform
+        from lotus_deploy.models import InputSpec
 
         c, h, w = self.input_size
         return build_transform(InputSpec(c, h, w, self.mean, self.std, self.interpolation), train=False)
@@ -209,7 +208,7 @@ def ort_providers(requested: Sequence[str] | None = None) -> list[str]:
 
 
 def load_onnx(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Predictor:
-    from .onnx_export import ort_session
+    from lotus_deploy.export.onnx_export import ort_session
 
     sess = ort_session(path, providers=ort_providers(providers), threads=threads)
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
@@ -225,7 +224,7 @@ def load_onnx(path: Path, providers: Sequence[str] | None = None, threads: int |
 
 
 def load_engine(path: Path) -> Predictor:
-    from .trt import TensorRTSession
+    from lotus_deploy.export.trt import TensorRTSession
 
     sess = TensorRTSession(path)
     pre = _read_preprocess(path.with_name(path.name + ".json"), path.with_name("preprocess.json"))
@@ -244,11 +243,11 @@ def _run_preprocess(run_dir: Path, model, recipe) -> Preprocess:
     saved = _read_preprocess(run_dir / "export" / "preprocess.json")
     if saved is not None:
         return saved
-    from .data import _split
-    from .models import input_spec
+    from lotus_deploy.data import split_dataset
+    from lotus_deploy.models import input_spec
 
     try:
-        classes = list(getattr(_split(recipe.data, False, None), "classes", []) or []) or None
+        classes = list(getattr(split_dataset(recipe.data, False, None), "classes", []) or []) or None
     except Exception:  # noqa: BLE001 — dataset absent here: labels fall back to indices
         classes = None
     return Preprocess.from_dict({**input_spec(model).to_dict(), "classes": classes})
@@ -257,12 +256,12 @@ def _run_preprocess(run_dir: Path, model, recipe) -> Preprocess:
 def _torch_predictor(path: Path, model, pre: Preprocess, device: str | None, semi_structured: bool, dtype: str) -> Predictor:
     import torch
 
-    from .models import input_spec
+    from lotus_deploy.models import input_spec
 
     chw = tuple(input_spec(model).to_dict()["input_size"])
     details: dict[str, Any] = {}
     if semi_structured:
-        from .semi_structured_torch import to_semi_structured_
+        from lotus_deploy.semi_structured_torch import to_semi_structured_
 
         tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
         if tdtype is None:
@@ -320,8 +319,9 @@ def load(
     if semi_structured and dtype == "fp32":
         dtype = "fp16"
     if path.is_dir():
-        from .masks import apply_masks_
-        from .pipeline import Run, RunError
+        from lotus_deploy.errors import RunError
+        from lotus_deploy.masks import apply_masks_
+        from lotus_deploy.run import Run
 
         try:
             run = Run(path)
@@ -331,40 +331,31 @@ def load(
         apply_masks_(model, masks)
         return _torch_predictor(path, model, _run_preprocess(path, model, run.recipe), device, semi_structured, dtype)
     if path.is_file() and suffix in CHECKPOINT_SUFFIXES:
-        from .io import load_tensors
-        from .masks import apply_masks_
-        from .models import build_model
-        from .recipe import load_recipe
+        from lotus_deploy.files import load_tensors
+        from lotus_deploy.masks import apply_masks_
+        from lotus_deploy.models import build_model, read_state_dict
+        from lotus_deploy.recipe import load_recipe
 
         run_dir = _find_run_dir(path.parent)
         recipe = load_recipe(run_dir / "recipe.yaml")
         model = build_model(recipe.model, with_weights=False)
-        model.load_state_dict(load_tensors(path))
+        model.load_state_dict(read_state_dict(path))
         if (path.parent / "masks.safetensors").is_file():
             apply_masks_(model, load_tensors(path.parent / "masks.safetensors"))
         return _torch_predictor(path, model.eval(), _run_preprocess(run_dir, model, recipe), device, semi_structured, dtype)
-    raise InputError(f"cannot serve {path}: expected a .plan/.engine, .onnx, .safetensors checkpoint or a run directory")
+    raise InputError(f"cannot serve {path}: expected a .plan/.engine, .onnx, a {'/'.join(CHECKPOINT_SUFFIXES)} checkpoint or a run directory")
 
 
 def compare(a: Predictor, b: Predictor, loader) -> dict[str, Any]:
     """Top-1 (%) of two predictors on ``loader`` (``(x, y)`` batches), their agreement and max |logit diff|."""
-    ca = cb = agree = n = 0
-    diff = 0.0
-    for x, y in loader:
-        y = np.asarray(y)
-        la, lb = a.predict(x), b.predict(x)
-        pa, pb = la.argmax(1), lb.argmax(1)
-        ca += int((pa == y).sum())
-        cb += int((pb == y).sum())
-        agree += int((pa == pb).sum())
-        diff = max(diff, float(np.abs(la - lb).max()))
-        n += len(y)
-    if n == 0:
+    from lotus_deploy.metrics import agreement, top1_loop
+
+    r = top1_loop({"a": a.predict, "b": b.predict}, loader, keep_logits=True)
+    if r["a"]["images"] == 0:
         raise InputError("compare: the loader yielded no images")
     return {
-        "images": n,
-        "a": {"kind": a.kind, "path": str(a.path), "top1": 100.0 * ca / n},
-        "b": {"kind": b.kind, "path": str(b.path), "top1": 100.0 * cb / n},
-        "top1_agreement": agree / n,
-        "max_abs_diff": diff,
+        "images": r["a"]["images"],
+        "a": {"kind": a.kind, "path": str(a.path), "top1": r["a"]["top1"]},
+        "b": {"kind": b.kind, "path": str(b.path), "top1": r["b"]["top1"]},
+        **agreement(r["a"]["logits"], r["b"]["logits"]),
     }

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .scope import DEFAULT_SCOPE
+from lotus_deploy.scope import DEFAULT_SCOPE
 
 MIN_CAPABILITY = (8, 0)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -62,7 +62,7 @@ def layer_reason(linear: nn.Module, dtype: torch.dtype = torch.float16, backend:
     minimum shape (rows and columns multiples of its tile for ``dtype``) and that the weight is
     2:4 along ``in_features``.
     """
-    from .sparsity24 import eligible, is_two_four
+    from lotus_deploy.prune.two_four import eligible, is_two_four
 
     why = eligible(linear)
     if why:
@@ -97,7 +97,7 @@ def to_semi_structured_(
         SemiStructuredUnavailable: no CUDA GPU with compute capability >= 8.0, or a dtype other
             than fp16/bf16.
     """
-    from .scope import matches
+    from lotus_deploy.scope import matches
 
     why = unavailable_reason(dtype)
     if why:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .data import DataBundle
-    from .recipe import Recipe
+    from lotus_deploy.data import DataBundle
+    from lotus_deploy.recipe import Recipe
 
 
 @dataclass
@@ -51,9 +51,9 @@ class RunState:
     def data(self) -> "DataBundle":
         """The recipe's data for this model, built once per process."""
         if self._data is None:
-            from .data import build_data
-            from .io import write_json
-            from .models import input_spec
+            from lotus_deploy.data import build_data
+            from lotus_deploy.files import write_json
+            from lotus_deploy.models import input_spec
 
             self._data = build_data(self.recipe.data, input_spec(self.model))
             write_json(self.run_dir / "subsets.json", {**self._data.subsets, "seed": self.recipe.data.subset_seed})
@@ -80,6 +80,6 @@ class RunState:
         return None
 
     def evaluate(self, desc: str = "eval") -> dict[str, float]:
-        from .train import evaluate
+        from lotus_deploy.train import evaluate
 
         return evaluate(self.model, self.data.eval_loader(), self.device, desc=desc)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .masks import apply_masks_
-from .progress import bar
+from lotus_deploy.masks import apply_masks_
+from lotus_deploy.progress import bar
 
 
 @torch.no_grad()
@@ -20,47 +20,43 @@ def evaluate(
     model: nn.Module,
     loader: Iterable,
     device: torch.device,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
     desc: str = "eval",
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%), mean cross-entropy and throughput over ``loader``.
 
     Args:
+        loader: ``(x, y)`` batches, or ``(x, y, idx)`` (ticket batches: ``forward(x, idx)``).
         forward: replaces ``model(x)`` (e.g. a token-dropping forward); default the model.
 
     Returns:
         ``top1``, ``top5`` (percent), ``loss``, ``images``, ``seconds``, ``images_per_s``.
     """
+    from lotus_deploy.metrics import top1_loop
+
     was_training = model.training
     model.eval()
     fwd = forward or model
-    n = correct1 = correct5 = 0
-    loss_sum = 0.0
-    t0 = time.perf_counter()
-    autocast = _autocast(device)
-    for x, y in bar(loader, desc=desc, unit="batch"):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            logits = fwd(x).float()  # (B, classes)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices  # (B, k)
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
-        n += y.numel()
-    seconds = time.perf_counter() - t0
-    model.train(was_training)
-    return {
-        "top1": 100.0 * correct1 / max(n, 1),
-        "top5": 100.0 * correct5 / max(n, 1),
-        "loss": loss_sum / max(n, 1),
-        "images": n,
-        "seconds": seconds,
-        "images_per_s": n / seconds if seconds > 0 else float("nan"),
-    }
+
+    def batches():
+        for b in bar(loader, desc=desc, unit="batch"):
+            x, y, *rest = b
+            yield (x, *rest), y
+
+    def predict(inputs):
+        inputs = tuple(t.to(device, non_blocking=True) for t in inputs)
+        with autocast(device):
+            return fwd(*inputs).float()  # (B, classes)
+
+    try:
+        r = top1_loop({"model": predict}, batches())["model"]
+    finally:
+        model.train(was_training)
+    return {k: r[k] for k in ("top1", "top5", "loss", "images", "seconds", "images_per_s")}
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """The precision policy of every forward lotus runs: bf16 autocast on CUDA, fp32 on the CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -162,7 +158,7 @@ def train(
         apply_masks_(model, masks)
     history: list[dict] = []
     step, epoch, stop = 0, 0, False
-    autocast = _autocast(device)
+    amp = autocast(device)
     model.to(device).train()
     while step < total and not stop:
         t0 = time.perf_counter()
@@ -173,7 +169,7 @@ def train(
             extra = batch[2].to(device) if len(batch) > 2 else None
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * lr_factor(step, total, warmup, spec.schedule)
-            with autocast:
+            with amp:
                 logits = forward(x, extra) if forward is not None else model(x)  # (B, classes)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
             opt.zero_grad(set_to_none=True)

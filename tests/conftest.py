@@ -48,8 +48,8 @@ def micro_model():
     """lotus_vit_micro_patch8_32 with 10 classes, seeded, eval mode."""
     import torch
 
-    from lotus_deploy.config import ModelConfig
     from lotus_deploy.models import build_model
+    from lotus_deploy.recipe.base import ModelConfig
 
     torch.manual_seed(0)
     return build_model(ModelConfig(name="lotus_vit_micro_patch8_32", num_classes=10)).eval()

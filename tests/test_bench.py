@@ -9,14 +9,35 @@ import random
 import pytest
 import torch
 
-from lotus_deploy.backends import BACKENDS, Backend, BackendContext, resolve_backends
-from lotus_deploy.bench import (
-    BenchResults, ResultsError, Timed, latency_stats, load_results, percentile, resolve_variants, run_bench,
-    sweep_efficiency, time_arms, two_four_layers,
+from lotus_deploy.bench.backends import (
+    BACKENDS,
+    Backend,
+    BackendContext,
+    resolve_backends,
 )
-from lotus_deploy.config import BenchConfig
-from lotus_deploy.pipeline import Run, RunError
-from lotus_deploy.report import compare, compare_markdown, front_line, mark_pareto, pareto_front, write_outputs
+from lotus_deploy.bench.report import (
+    compare,
+    compare_markdown,
+    front_line,
+    mark_pareto,
+    pareto_front,
+    write_outputs,
+)
+from lotus_deploy.bench.run import (
+    BenchResults,
+    ResultsError,
+    Timed,
+    latency_stats,
+    load_results,
+    percentile,
+    resolve_variants,
+    run_bench,
+    sweep_efficiency,
+    time_arms,
+)
+from lotus_deploy.errors import RunError
+from lotus_deploy.recipe.base import BenchConfig
+from lotus_deploy.run import Run
 
 GPU_BACKENDS = ["torch_cuda_fp32", "torch_cuda_fp16", "torch_cuda_bf16", "torch_compile_cuda_fp16", "torch_2to4_fp16",
                 "onnxruntime_cuda", "onnxruntime_tensorrt", "tensorrt"]
@@ -61,7 +82,7 @@ def test_registering_a_backend_twice_fails():
 
 @pytest.mark.parametrize("name", ["torch_cpu", "onnxruntime_cpu"])
 def test_cpu_backend_predicts_like_the_model(name, micro_model, tmp_path):
-    from lotus_deploy.onnx_export import export_onnx
+    from lotus_deploy.export.onnx_export import export_onnx
 
     x = torch.randn(5, 3, 32, 32)
     onnx = export_onnx(micro_model, tmp_path / "m.onnx", x[:1])
@@ -114,15 +135,18 @@ def test_time_arms_min_seconds_extends_timing():
 # ----------------------------------------------------------------------------- model facts and variants
 
 
-def test_two_four_layers_counts_only_2_4_along_in_features():
+def test_two_four_layers_counts_only_eligible_2_4_along_in_features():
+    from lotus_deploy.prune.two_four import two_four_layers
+
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    m = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 16), torch.nn.Linear(20, 8))
     with torch.no_grad():
-        w = m[0].weight  # (4, 8): zero the 2 smallest of every group of 4 along dim 1
-        g = w.reshape(4, 2, 4)
+        w = m[0].weight  # (8, 32): zero the 2 smallest of every group of 4 along dim 1
+        g = w.reshape(8, 8, 4)
         idx = g.abs().argsort(-1)[..., :2]
         g.scatter_(-1, idx, 0.0)
-        m[2].weight.zero_()  # in_features 6 is not a multiple of 4: never 2:4
+        m[1].weight.zero_()  # in_features 8 is not a multiple of 16: not eligible for sparse kernels
+        m[2].weight.zero_()  # in_features 20: not eligible either
     assert two_four_layers(m) == ["0"]
     with torch.no_grad():
         m[0].weight[0, :4] = 1.0  # one group of 4 fully dense
@@ -415,14 +439,15 @@ def test_cli_bench_then_compare_same_run(tiny_run, tmp_path):
 def test_bench_stage_reports_rows_skips_and_artifacts(tiny_run, tmp_path):
     import shutil
 
-    from lotus_deploy.registry import STAGES
+    from lotus_deploy.recipe.stages import Bench
+    from lotus_deploy.stages import stage_fn
 
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
     state = Run(run_dir).state("final", quiet=True)
     state.recipe.bench = BenchConfig(variants=["final"], backends=["onnxruntime_cpu", "torch_cuda_fp16"], batch_sizes=[1],
                                      warmup=0, iters=2, threads=1, pipeline=False)
-    entry = STAGES["bench"]
-    result = entry.fn(entry.config_cls(), state)
+    cfg = Bench()
+    result = stage_fn(cfg)(cfg, state)
     assert not result.model_changed
     assert set(result.artifacts) == {"results_json", "results_csv", "report_md", "pareto_png", "sparsity_png"}
     assert all(p.is_file() and p.parent == run_dir / "bench" for p in result.artifacts.values())

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import ROOT, subprocess_env
 
 from lotus_deploy.cli import main
-from lotus_deploy.io import read_json
+from lotus_deploy.files import read_json
 
 
 @pytest.fixture

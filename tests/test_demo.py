@@ -9,9 +9,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_recipe_end_to_end(tmp_path):
-    from lotus_deploy.io import read_json
-    from lotus_deploy.pipeline import Run, compress
+    from lotus_deploy.files import read_json
+    from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import load_recipe
+    from lotus_deploy.run import Run
 
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     run_dir = compress(recipe, out=tmp_path / "demo", quiet=True)

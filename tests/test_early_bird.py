@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lotus_deploy.early_bird import EarlyBirdDetector
 from lotus_deploy.masks import masks_hash
+from lotus_deploy.prune.early_bird import EarlyBirdDetector
 
 N = 1000
 
@@ -97,8 +97,8 @@ def _run_finetune(tiny_recipe_dict, tmp_path, early_bird, **ft):
 
 
 def test_finetune_stops_at_ticket_and_saves_it(tiny_recipe_dict, tmp_path):
-    from lotus_deploy.io import load_tensors
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.files import load_tensors
+    from lotus_deploy.run import Run
     from lotus_deploy.stages.prune import prune_masks
 
     # threshold 1.0: any two masks are closer than that, so the ticket is drawn when the window fills

@@ -15,7 +15,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lotus_deploy.inspect import (
+from lotus_deploy.export.onnx_export import ExportError, export_onnx
+from lotus_deploy.inspection import (
     format_report,
     inspect_onnx,
     inspect_path,
@@ -23,7 +24,6 @@ from lotus_deploy.inspect import (
     verify_onnx_two_four,
 )
 from lotus_deploy.masks import apply_masks_
-from lotus_deploy.onnx_export import ExportError, export_onnx
 from lotus_deploy.stages.semi_structured import semi_structured_masks
 
 # 8x8, 2:4 along axis 1 (columns 0 and 1 of every group kept), dense along axis 0.
@@ -202,7 +202,7 @@ def test_polygraphy_agrees_on_hand_built_graphs(case):
 
 
 def test_checkpoint(sparse_micro, tmp_path):
-    from lotus_deploy.io import save_tensors
+    from lotus_deploy.files import save_tensors
 
     model, layers, _ = sparse_micro
     path = save_tensors(tmp_path / "m.safetensors", model.state_dict())
@@ -218,7 +218,7 @@ def test_checkpoint(sparse_micro, tmp_path):
 
 
 def test_run_directory(tiny_run):
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
 
     rep = inspect_path(tiny_run)
     assert rep["kind"] == "run"

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-
-from lotus_deploy import tickets as T
-from lotus_deploy.io import load_tensors, read_json
-from lotus_deploy.pipeline import RunError, compress
-from lotus_deploy.recipe import RecipeError, parse_recipe
-
 from conftest import TINY_RECIPE
+
+from lotus_deploy.errors import RunError
+from lotus_deploy.files import load_tensors, read_json
+from lotus_deploy.pipeline import compress
+from lotus_deploy.prune import tickets as T
+from lotus_deploy.recipe import RecipeError, parse_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -236,8 +236,8 @@ def test_online_scoring_keeps_augmentation_and_named_teacher(tmp_path, monkeypat
 
 
 def test_online_forward_picks_teacher_tickets():
-    from lotus_deploy.config import ModelConfig
     from lotus_deploy.models import build_model
+    from lotus_deploy.recipe.base import ModelConfig
     from lotus_deploy.stages.lottery import _OnlineForward
 
     cfg = _recipe([{"kind": "lottery_finetune", "keep": 0.5, "scoring": "online"}]).stages[0]

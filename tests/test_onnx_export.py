@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lotus_deploy import onnx_export
-from lotus_deploy.masks import apply_masks_
-from lotus_deploy.onnx_export import (
+from lotus_deploy.export import onnx_export
+from lotus_deploy.export.onnx_export import (
     ExportError,
     compare_with_torch,
     export_checked,
@@ -20,6 +19,7 @@ from lotus_deploy.onnx_export import (
     ort_session,
     torch_weight_zeros,
 )
+from lotus_deploy.masks import apply_masks_
 from lotus_deploy.scope import DEFAULT_SCOPE
 from lotus_deploy.stages.prune import prune_masks
 
@@ -131,7 +131,7 @@ def test_weight_zero_counters(micro_model, tmp_path, images):
 
 
 def test_export_stage_in_a_run(tiny_run):
-    from lotus_deploy.io import read_json, sha256_file
+    from lotus_deploy.files import read_json, sha256_file
 
     manifest = read_json(tiny_run / "manifest.json")
     e = next(e for e in manifest["stages"] if e["kind"] == "export")
@@ -145,7 +145,7 @@ def test_export_stage_in_a_run(tiny_run):
     assert pre["input_size"] == [3, 32, 32] and pre["mean"] == [0.5] * 3 and pre["std"] == [0.5] * 3
     assert pre["input"] == "input" and pre["output"] == "logits" and pre["classes"] == [str(i) for i in range(10)]
     # The file in the run is the baked model: its logits match the final checkpoint's.
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
 
     model, masks = Run(tiny_run).load("final")
     assert masks == {}
@@ -157,8 +157,8 @@ def test_export_stage_in_a_run(tiny_run):
 
 def test_onnx_imports_are_lazy():
     code = (
-        "import sys, lotus_deploy.onnx_export, lotus_deploy.cli, lotus_deploy.recipe, lotus_deploy.pipeline, "
-        "lotus_deploy.bench, lotus_deploy.stages\n"
+        "import sys, lotus_deploy.export.onnx_export, lotus_deploy.cli, lotus_deploy.recipe, lotus_deploy.pipeline, "
+        "lotus_deploy.bench.run, lotus_deploy.stages\n"
         "print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

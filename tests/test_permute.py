@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from lotus_deploy.masks import apply_masks_
-from lotus_deploy.permute import (
+from lotus_deploy.prune.permute import (
     _OTHERS,
     _swap_gains,
     find_channel_groups,
@@ -18,7 +18,7 @@ from lotus_deploy.permute import (
     permute_masks,
     search_permutation,
 )
-from lotus_deploy.sparsity24 import two_four_masks
+from lotus_deploy.prune.two_four import two_four_masks
 
 
 def kept_ratio(a: torch.Tensor) -> float:
@@ -168,7 +168,7 @@ def test_mlp_with_layernorm_is_supported_and_batchnorm_is_skipped():
 
 
 def test_permute_masks_is_pure():
-    from lotus_deploy.permute import ChannelGroup
+    from lotus_deploy.prune.permute import ChannelGroup
 
     g = ChannelGroup("b.weight", "a", 4, 4, (("b.weight", 1, 0), ("a.weight", 0, 0)))
     masks = {"b.weight": torch.tensor([[True, False, True, False]]), "a.weight": torch.eye(4, dtype=torch.bool)}

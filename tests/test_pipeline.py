@@ -18,10 +18,12 @@ from click.testing import CliRunner
 from conftest import TINY_RECIPE, subprocess_env
 
 from lotus_deploy.cli import main
-from lotus_deploy.io import load_tensors, read_json, sha256_file
+from lotus_deploy.errors import RunError
+from lotus_deploy.files import load_tensors, read_json, sha256_file
 from lotus_deploy.masks import masks_hash
-from lotus_deploy.pipeline import Run, RunError, compress
+from lotus_deploy.pipeline import compress
 from lotus_deploy.recipe import load_recipe, parse_recipe, stage_fingerprint
+from lotus_deploy.run import Run
 
 STAGE_DIRS = ["01_train", "02_magnitude_prune", "03_recover", "04_bake", "05_export"]
 

@@ -56,7 +56,7 @@ def test_weights_load_with_resampled_position_embedding():
 
 
 def test_head_only_finetune_beats_chance(tmp_path):
-    from lotus_deploy.io import read_json
+    from lotus_deploy.files import read_json
     from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe
 
@@ -70,7 +70,7 @@ def test_head_only_finetune_beats_chance(tmp_path):
     sub = read_json(run / "subsets.json")
     assert len(sub["train"]) == 200 and len(sub["eval"]) == 100
     # head-only: the backbone in the checkpoint is the pretrained one
-    from lotus_deploy.io import load_tensors
+    from lotus_deploy.files import load_tensors
 
     sd = load_tensors(run / head["artifacts"]["model"]["path"])
     init = load_tensors(run / m["initial"]["artifacts"]["model"]["path"])

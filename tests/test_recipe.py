@@ -17,7 +17,7 @@ from lotus_deploy.recipe import (
     recipe_schema,
     stage_fingerprint,
 )
-from lotus_deploy.registry import STAGES
+from lotus_deploy.recipe.stages import STAGE_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,7 +298,7 @@ def test_schema_is_json_and_lists_every_stage_kind():
     s = json.loads(json.dumps(recipe_schema()))
     assert set(s["required"]) >= {"version", "name", "model", "data"}
     text = json.dumps(s)
-    for kind in STAGES:
+    for kind in STAGE_CONFIGS:
         assert f'"{kind}"' in text
 
 

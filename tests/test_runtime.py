@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lotus_deploy import runtime
-from lotus_deploy.runtime import InputError, Predictor, compare, load
+from lotus_deploy.errors import InputError
+from lotus_deploy.runtime import Predictor, compare, load
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def served(tiny_run):
     from lotus_deploy.data import build_data
     from lotus_deploy.masks import apply_masks_
     from lotus_deploy.models import input_spec
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
 
     run = Run(tiny_run)
     model, masks = run.load("final")

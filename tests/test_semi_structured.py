@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from lotus_deploy.export.onnx_export import ExportError
 from lotus_deploy.masks import apply_masks_
-from lotus_deploy.onnx_export import ExportError
-from lotus_deploy.sparsity24 import is_two_four
+from lotus_deploy.prune.two_four import is_two_four
 from lotus_deploy.stages.prune import prune_masks
 from lotus_deploy.stages.semi_structured import semi_structured_masks
 
@@ -90,7 +90,7 @@ def ss_run(tmp_path_factory):
 
 
 def stage(run_dir, kind):
-    from lotus_deploy.io import read_json
+    from lotus_deploy.files import read_json
 
     return next(e for e in read_json(run_dir / "manifest.json")["stages"] if e["kind"] == kind)
 
@@ -113,7 +113,7 @@ def test_stage_reports_layers_skips_and_permutation(ss_run):
 
 
 def test_final_weights_are_two_four_after_recovery_and_bake(ss_run):
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
 
     model, masks = Run(ss_run).load("final")
     assert masks == {}  # baked
@@ -131,7 +131,7 @@ def test_export_stage_checked_every_two_four_layer_in_onnx(ss_run):
 
 
 def test_export_of_a_variant_before_the_stage_skips_the_check(ss_run, tmp_path):
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
     from lotus_deploy.stages.export import export_state
 
     metrics, _ = export_state(Run(ss_run).state("dense", quiet=True), tmp_path)
@@ -139,8 +139,8 @@ def test_export_of_a_variant_before_the_stage_skips_the_check(ss_run, tmp_path):
 
 
 def test_export_check_fails_when_the_pattern_is_lost(micro_model, tmp_path):
-    from lotus_deploy.inspect import verify_export_two_four
-    from lotus_deploy.onnx_export import export_onnx
+    from lotus_deploy.export.onnx_export import export_onnx
+    from lotus_deploy.inspection import verify_export_two_four
 
     masks, _ = semi_structured_masks(micro_model, ["blocks.*"])
     apply_masks_(micro_model, masks)
@@ -154,8 +154,9 @@ def test_export_check_fails_when_the_pattern_is_lost(micro_model, tmp_path):
 
 
 def test_recipe_validation():
-    from lotus_deploy.recipe import RecipeError, parse_recipe
     from conftest import TINY_RECIPE
+
+    from lotus_deploy.recipe import RecipeError, parse_recipe
 
     raw = copy.deepcopy(TINY_RECIPE)
     raw["stages"] = [{"kind": "semi_structured", "permute_seconds": 0}, {"kind": "semi_structured", "bogus": 1}]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from lotus_deploy import semi_structured_torch as sst
-from lotus_deploy.sparsity24 import is_two_four, two_four_masks
+from lotus_deploy.prune.two_four import is_two_four, two_four_masks
 
 GPU_MISSING = sst.unavailable_reason(torch.float16)
 
@@ -71,8 +71,8 @@ def test_conversion_refuses_without_a_gpu(micro_model, tiny_run):
 
 
 def _two_four_model():
-    from lotus_deploy.config import ModelConfig
     from lotus_deploy.models import build_model
+    from lotus_deploy.recipe.base import ModelConfig
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="lotus_vit_tiny_patch8_32", num_classes=10)).eval()

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from lotus_deploy.masks import magnitude_masks, mask_sparsity, masks_hash
+from lotus_deploy.recipe.stages import InstantSoup
 from lotus_deploy.stages import soup
-from lotus_deploy.stages.soup import InstantSoup, cap_sparsity, combine_masks, default_levels, level_masks, round_target
+from lotus_deploy.stages.soup import (
+    cap_sparsity,
+    combine_masks,
+    default_levels,
+    level_masks,
+    round_target,
+)
 
 # ----------------------------------------------------------------------------- pure parts
 
@@ -101,9 +108,9 @@ def test_round_lr_scale_scales_rounds_only(backbone_lr):
 
 
 def test_learner_training_keeps_masks_enforced(micro_model):
-    from lotus_deploy.config import DataConfig
     from lotus_deploy.data import build_data
     from lotus_deploy.models import input_spec
+    from lotus_deploy.recipe.base import DataConfig
     from lotus_deploy.stages.prune import prune_masks
     from lotus_deploy.train import TrainSpec
 
@@ -143,7 +150,8 @@ def _soup_entry(run):
 
 @pytest.mark.parametrize("combine", ["union", "intersection", "vote"])
 def test_isp_reaches_target(tiny_recipe_dict, tmp_path, combine):
-    from lotus_deploy.pipeline import Run, compress
+    from lotus_deploy.pipeline import compress
+    from lotus_deploy.run import Run
 
     run = compress(_recipe(tiny_recipe_dict, combine=combine), out=tmp_path / "run", quiet=True)
     entry = _soup_entry(run)

@@ -10,9 +10,15 @@ import pytest
 import torch
 
 from lotus_deploy.masks import magnitude_masks, mask_sparsity, masks_hash
+from lotus_deploy.recipe.stages import EssentialSparsity
 from lotus_deploy.scope import DEFAULT_SCOPE, select_weights
 from lotus_deploy.stages.prune import prune_masks
-from lotus_deploy.stages.sparsity import EssentialSparsity, kneedle, resolve_sparsity, sweep, tolerance_knee
+from lotus_deploy.stages.sparsity import (
+    kneedle,
+    resolve_sparsity,
+    sweep,
+    tolerance_knee,
+)
 
 # ----------------------------------------------------------------------------- sweep (pure)
 
@@ -201,8 +207,9 @@ def _read_manifest(run):
 
 
 def test_stage_sweeps_scopes_and_feeds_knee(tiny_recipe_dict, tmp_path):
-    from lotus_deploy.pipeline import Run, compress
+    from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe
+    from lotus_deploy.run import Run
 
     tiny_recipe_dict["stages"] = [
         {"kind": "finetune", "name": "train", "steps": 4, "lr": 2e-3},
@@ -234,8 +241,9 @@ def test_stage_sweeps_scopes_and_feeds_knee(tiny_recipe_dict, tmp_path):
 
 
 def test_stage_apply_knee_prunes(tiny_recipe_dict, tmp_path):
-    from lotus_deploy.pipeline import Run, compress
+    from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe
+    from lotus_deploy.run import Run
 
     tiny_recipe_dict["stages"] = [
         {"kind": "essential_sparsity", "sparsities": [0.1, 0.3], "tolerance": 100.0, "apply": "tolerance_knee"},

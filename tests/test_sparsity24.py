@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lotus_deploy.sparsity24 import (
+from lotus_deploy.prune.two_four import (
     eligible,
     is_small,
     is_two_four,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lotus_deploy.masks import mask_sparsity, masks_hash, weight_stats
-from lotus_deploy.registry import STAGES
+from lotus_deploy.recipe.stages import STAGE_CONFIGS
 from lotus_deploy.scope import DEFAULT_SCOPE, select_weights
+from lotus_deploy.stages import stage_fn
 from lotus_deploy.state import RunState
 
 
@@ -19,9 +20,9 @@ def digits_data():
     """The tiny recipe's digits data for a 32 px model, built once for the module."""
     from conftest import TINY_RECIPE
 
-    from lotus_deploy.config import DataConfig
     from lotus_deploy.data import build_data
     from lotus_deploy.models import InputSpec
+    from lotus_deploy.recipe.base import DataConfig
 
     spec = InputSpec(3, 32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     return build_data(DataConfig(**TINY_RECIPE["data"]), spec)
@@ -39,11 +40,11 @@ def state(tmp_path, tiny_recipe, micro_model, digits_data):
 
 def run_stage(state, raw: dict):
     """Validate a stage config through the recipe's union, then run it on ``state``."""
-    cfg = STAGES[raw["kind"]].config_cls.model_validate(raw)
+    cfg = STAGE_CONFIGS[raw["kind"]].model_validate(raw)
     if cfg.name is None:
         cfg.name = cfg.kind
     state.stage_name = cfg.name
-    return STAGES[cfg.kind].fn(cfg, state)
+    return stage_fn(cfg)(cfg, state)
 
 
 def scope_zeros(model) -> tuple[int, int]:
@@ -186,10 +187,10 @@ def test_baked_checkpoint_loads_into_plain_timm(tiny_run):
     """The baked safetensors is a plain timm state dict: same outputs as the masked model."""
     import timm
 
-    from lotus_deploy.io import load_tensors, read_json
+    from lotus_deploy.files import load_tensors, read_json
     from lotus_deploy.masks import apply_masks_
     from lotus_deploy.models import register_tiny_models
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
 
     manifest = read_json(tiny_run / "manifest.json")
     bake = next(e for e in manifest["stages"] if e["kind"] == "bake")

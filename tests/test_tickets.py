@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lotus_deploy import tickets as T
-from lotus_deploy.config import ModelConfig
 from lotus_deploy.models import build_model
+from lotus_deploy.prune import tickets as T
+from lotus_deploy.recipe.base import ModelConfig
 
 VARIANTS = {
     "plain": {},

@@ -10,7 +10,12 @@ import sys
 
 import pytest
 
-from lotus_deploy.triton import config_pbtxt, model_name, preferred_batches, write_repository
+from lotus_deploy.export.triton import (
+    config_pbtxt,
+    model_name,
+    preferred_batches,
+    write_repository,
+)
 
 # ----------------------------------------------------------------------------- a small protobuf-text parser
 

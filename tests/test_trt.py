@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from lotus_deploy import trt
-from lotus_deploy.trt import BuildSpec, match_layers, onnx_scope, parse_sparsity_log, sparsity_report, trtexec_command
+from lotus_deploy.export import trt
+from lotus_deploy.export.trt import (
+    BuildSpec,
+    match_layers,
+    onnx_scope,
+    parse_sparsity_log,
+    sparsity_report,
+    trtexec_command,
+)
 
 TRT_MISSING = trt.unavailable_reason()
 skip_without_trt = pytest.mark.skipif(TRT_MISSING is not None, reason=f"{TRT_MISSING}")
@@ -83,7 +90,7 @@ def test_onnx_scope_matches_exported_matmuls(micro_model, tmp_path):
     import torch
     import torch.nn as nn
 
-    from lotus_deploy.onnx_export import export_onnx
+    from lotus_deploy.export.onnx_export import export_onnx
 
     path = export_onnx(micro_model, tmp_path / "m.onnx", torch.zeros(1, 3, 32, 32))
     nodes = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMul", "Gemm")]
@@ -108,8 +115,7 @@ def test_sparsity_report_warns_when_nothing_is_picked():
 
 
 def test_two_four_layers(micro_model):
-    from lotus_deploy.sparsity24 import two_four_masks
-    from lotus_deploy.stages.engine import two_four_layers
+    from lotus_deploy.prune.two_four import two_four_layers, two_four_masks
 
     assert two_four_layers(micro_model) == []
     w = micro_model.blocks[1].mlp.fc1.weight
@@ -147,9 +153,12 @@ def test_cli_export_trt_without_tensorrt(tiny_run, tmp_path):
 
 def test_engine_stage_skip_and_fail(tiny_recipe_dict, tmp_path):
     """``if_unavailable: skip`` records the reason and keeps the ONNX; ``fail`` stops the run."""
-    from lotus_deploy.pipeline import Run, RunError, compress
+    from lotus_deploy.errors import RunError
+    from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe
-    from lotus_deploy.stages.engine import Engine, engine
+    from lotus_deploy.recipe.stages import Engine
+    from lotus_deploy.run import Run
+    from lotus_deploy.stages.engine import engine
 
     raw = copy.deepcopy(tiny_recipe_dict)
     raw["stages"] = [{"kind": "engine", "if_unavailable": "skip", "max_batch": 16}]
@@ -183,8 +192,8 @@ def test_engine_config_validation(tiny_recipe_dict):
 @skip_without_trt
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_build_engine_runs_and_matches_onnxruntime(tiny_run, tmp_path, precision):
+    from lotus_deploy.export.triton import write_repository
     from lotus_deploy.runtime import compare, load
-    from lotus_deploy.triton import write_repository
 
     onnx_path = tiny_run / "export" / "model.onnx"
     work = tmp_path / "e"
@@ -204,7 +213,7 @@ def test_build_engine_runs_and_matches_onnxruntime(tiny_run, tmp_path, precision
 
     from lotus_deploy.data import build_data
     from lotus_deploy.models import InputSpec
-    from lotus_deploy.pipeline import Run
+    from lotus_deploy.run import Run
 
     engine = load(res.path)
     assert engine.max_batch == 8

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from ..config import StageConfig
-from ..registry import register_stage
-
-
-class Bake(StageConfig):
-    """After bake the checkpoint is a plain timm state dict with zeros in it."""
-
-    needs_masks: ClassVar[bool] = True
-    ends_masks: ClassVar[bool] = True
-
-    kind: Literal["bake"] = "bake"
+from lotus_deploy.recipe.stages import Bake
+from lotus_deploy.registry import register_stage
 
 
 @register_stage(Bake)
 def bake(cfg: Bake, state):
-    from ..masks import apply_masks_, mask_sparsity, masks_hash
-    from ..state import StageResult
+    from lotus_deploy.masks import apply_masks_, mask_sparsity, masks_hash
+    from lotus_deploy.state import StageResult
 
     baked = {"baked_masks_hash": masks_hash(state.masks), "baked_mask_sparsity": mask_sparsity(state.masks)}
     apply_masks_(state.model, state.masks)

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from ..config import StageConfig
-from ..registry import register_stage
-
-
-class Bench(StageConfig):
-    """Uses the recipe's ``bench`` section (variants, backends, batch sizes, timing).
-
-    Writes ``bench/results.json``, ``results.csv``, ``report.md``, ``pareto.png`` and
-    ``sparsity.png`` in the run directory (see :mod:`lotus_deploy.bench`).
-    """
-
-    kind: Literal["bench"] = "bench"
+from lotus_deploy.recipe.stages import Bench
+from lotus_deploy.registry import register_stage
 
 
 @register_stage(Bench)
 def bench(cfg: Bench, state):
-    from ..bench import run_bench
-    from ..pipeline import Run
-    from ..state import StageResult
+    from lotus_deploy.bench.run import run_bench
+    from lotus_deploy.run import Run
+    from lotus_deploy.state import StageResult
 
     out = state.run_dir / "bench"
     # The manifest on disk is the live one: it holds every stage finished before this one.

@@ -9,63 +9,9 @@ UNTESTED HERE (see :mod:`lotus_deploy.trt`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, model_validator
-
-from ..config import StageConfig
-from ..registry import register_stage
-
-
-class Engine(StageConfig):
-    """TensorRT build settings; the same fields drive ``lotus export RUN --trt``."""
-
-    kind: Literal["engine"] = "engine"
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="builder precision flag (ignored when strongly_typed)")
-    sparse: Literal["auto", "on", "off"] = Field("auto", description="SPARSE_WEIGHTS: auto = on when the model has 2:4 Linear weights")
-    min_batch: int = Field(1, ge=1, description="optimization profile: smallest batch (images)")
-    opt_batch: int = Field(8, ge=1, description="optimization profile: batch TensorRT tunes for (images)")
-    max_batch: int = Field(32, ge=1, description="optimization profile: largest batch (images); the runtime splits larger ones")
-    workspace_mib: int = Field(4096, ge=1, description="builder workspace memory pool limit (MiB)")
-    timing_cache: Path | None = Field(None, description="timing cache file reused across builds; default: timing.cache in the engine folder")
-    strongly_typed: bool = Field(False, description="strongly typed network: precision follows the ONNX types (fp32 export -> fp32 engine)")
-    accuracy: bool = Field(True, description="measure the engine's top-1 on the eval split and compare it with ONNX Runtime (CPU, fp32)")
-    max_top1_drop: float | None = Field(1.0, ge=0, description="fail when the engine's top-1 is this many points below ONNX Runtime's (None: report only)")
-    if_unavailable: Literal["fail", "skip"] = Field("fail", description="without TensorRT or a GPU: fail the run, or record the reason and go on (the ONNX and trtexec.sh are written either way)")
-
-    @model_validator(mode="after")
-    def _batches(self) -> "Engine":
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
-        return self
-
-    def build_spec(self, out_dir: Path, sparse: bool):
-        from ..trt import BuildSpec
-
-        return BuildSpec(
-            precision=self.precision, sparse=sparse, min_batch=self.min_batch, opt_batch=self.opt_batch,
-            max_batch=self.max_batch, workspace_mib=self.workspace_mib,
-            timing_cache=self.timing_cache or out_dir / "timing.cache", strongly_typed=self.strongly_typed,
-        )
-
-
-def two_four_layers(model, masks=None) -> list[str]:
-    """Names of the eligible Linears whose (masked) weight is 2:4 along ``in_features`` (pure)."""
-    import torch.nn as nn
-
-    from ..sparsity24 import eligible, is_two_four
-
-    masks = masks or {}
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and eligible(mod) is None:
-            w = mod.weight.detach()
-            m = masks.get(f"{name}.weight")
-            if m is not None:
-                w = w * m.to(w.device, w.dtype)
-            if is_two_four(w, axis=1):
-                out.append(name)
-    return out
+from lotus_deploy.recipe.stages import Engine
+from lotus_deploy.registry import register_stage
 
 
 def engine_for_state(cfg: Engine, state, out_dir: Path, warn=None) -> tuple[dict, dict]:
@@ -80,14 +26,23 @@ def engine_for_state(cfg: Engine, state, out_dir: Path, warn=None) -> tuple[dict
         EngineBuildError: TensorRT rejected the graph, or the engine's top-1 fell more than
             ``max_top1_drop`` points below ONNX Runtime's.
     """
-    from ..io import read_json, write_json
-    from ..trt import EngineBuildError, TensorRTUnavailable, build_engine, trtexec_command, unavailable_reason, write_trtexec_script
-    from .export import export_state
+    from lotus_deploy.export.trt import (
+        EngineBuildError,
+        TensorRTUnavailable,
+        build_engine,
+        trtexec_command,
+        unavailable_reason,
+        write_trtexec_script,
+    )
+    from lotus_deploy.files import read_json, write_json
+    from lotus_deploy.stages.export import export_state
 
     out_dir = Path(out_dir)
     warn = warn or state.log.warning
     metrics, arts = export_state(state, out_dir)
     onnx_path, pre = arts["onnx"], read_json(arts["preprocess"])
+    from lotus_deploy.prune.two_four import two_four_layers
+
     layers = two_four_layers(state.model, state.masks)
     sparse = {"on": True, "off": False}.get(cfg.sparse, bool(layers))
     spec = cfg.build_spec(out_dir, sparse)
@@ -100,7 +55,7 @@ def engine_for_state(cfg: Engine, state, out_dir: Path, warn=None) -> tuple[dict
     res = build_engine(onnx_path, engine_path, spec, preprocess=pre, two_four_layers=layers, log=state.log.info, warn=warn)
     info = res.info
     if cfg.accuracy:
-        from ..runtime import compare, load
+        from lotus_deploy.runtime import compare, load
 
         cmp = compare(load(engine_path), load(onnx_path, providers=["CPUExecutionProvider"]), state.data.eval_loader())
         info["accuracy"] = {"eval_images": cmp["images"], "engine_top1": cmp["a"]["top1"], "onnxruntime_top1": cmp["b"]["top1"],
@@ -125,8 +80,8 @@ def engine_for_state(cfg: Engine, state, out_dir: Path, warn=None) -> tuple[dict
 
 @register_stage(Engine)
 def engine(cfg: Engine, state):
-    from ..state import StageResult
-    from ..trt import TensorRTUnavailable
+    from lotus_deploy.export.trt import TensorRTUnavailable
+    from lotus_deploy.state import StageResult
 
     out_dir = state.run_dir / "engine"
     try:

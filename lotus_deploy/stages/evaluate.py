@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from ..config import Scope, StageConfig
-from ..registry import register_stage
-from ..scope import DEFAULT_SCOPE
-
-
-class Evaluate(StageConfig):
-    kind: Literal["evaluate"] = "evaluate"
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="scope whose sparsity is reported")
+from lotus_deploy.recipe.stages import Evaluate
+from lotus_deploy.registry import register_stage
 
 
 @register_stage(Evaluate)
 def evaluate(cfg: Evaluate, state):
-    from ..state import StageResult
-    from .prune import mask_report
+    from lotus_deploy.stages.prune import mask_report
+    from lotus_deploy.state import StageResult
 
     ev = state.evaluate(desc=state.stage_name)
     facts = mask_report(state, cfg.scope)

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from ..config import StageConfig
-from ..registry import register_stage
-
-
-class Export(StageConfig):
-    """Uses the recipe's ``export`` section (opset, tolerance, images compared)."""
-
-    kind: Literal["export"] = "export"
+from lotus_deploy.recipe.stages import Export
+from lotus_deploy.registry import register_stage
 
 
 def export_state(state, out_dir) -> tuple[dict, dict]:
@@ -22,10 +14,10 @@ def export_state(state, out_dir) -> tuple[dict, dict]:
     """
     import copy
 
-    from ..io import write_json
-    from ..masks import apply_masks_
-    from ..models import input_spec
-    from ..onnx_export import export_checked
+    from lotus_deploy.export.onnx_export import export_checked
+    from lotus_deploy.files import write_json
+    from lotus_deploy.masks import apply_masks_
+    from lotus_deploy.models import input_spec
 
     cfg = state.recipe.export
     model = copy.deepcopy(state.model).to("cpu").eval()
@@ -35,7 +27,7 @@ def export_state(state, out_dir) -> tuple[dict, dict]:
     metrics = export_checked(model, path, images, opset=cfg.opset, dynamo=cfg.dynamo, tolerance=cfg.tolerance)
     two_four = (state.stage_metrics("semi_structured") or {}).get("two_four_layers")
     if two_four:  # fail (ExportError) if a layer made 2:4 is not 2:4 along K in the graph
-        from ..inspect import verify_export_two_four
+        from lotus_deploy.inspection import verify_export_two_four
 
         metrics["two_four"] = verify_export_two_four(path, model, two_four, log=state.log.info)
     pre = {**input_spec(model).to_dict(), "classes": state.data.classes, "input": "input", "output": "logits"}
@@ -50,7 +42,7 @@ def export_state(state, out_dir) -> tuple[dict, dict]:
 
 @register_stage(Export)
 def export(cfg: Export, state):
-    from ..state import StageResult
+    from lotus_deploy.state import StageResult
 
     metrics, arts = export_state(state, state.run_dir / "export")
     return StageResult(metrics=metrics, artifacts=arts, model_changed=False)

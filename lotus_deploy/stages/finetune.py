@@ -3,58 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
-
-from ..config import Scope, SparsityOrKnee, StageConfig, Strict
-from ..registry import register_stage
-from ..scope import DEFAULT_SCOPE
-
-
-class EarlyBird(Strict):
-    """Early-bird ticket detection during fine-tuning (:mod:`lotus_deploy.early_bird`)."""
-
-    sparsity: SparsityOrKnee = Field(description="sparsity of the tracked magnitude mask, or knee / knee_curvature from an essential_sparsity stage")
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="weights whose mask is tracked (global ranking)")
-    window: int = Field(5, ge=2, description="masks kept, the newest included")
-    threshold: float = Field(0.1, gt=0, le=1, description="draw the ticket when the largest normalized Hamming distance in a full window is below this")
-    every: Union[Literal["epoch"], Annotated[int, Field(gt=0)]] = Field("epoch", description="check every epoch, or every N optimizer steps")
-    stop: bool = Field(False, description="stop training when the ticket is drawn (else only record it)")
-
-
-class Finetune(StageConfig):
-    """AdamW with warm-up then cosine (or constant), evaluated every epoch."""
-
-    kind: Literal["finetune"] = "finetune"
-    train: Literal["head", "all"] = Field("all", description="head: only the classifier trains; all: every parameter")
-    epochs: float | None = Field(None, gt=0, description="epochs over the training split (fractions allowed)")
-    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate of the head (and of the backbone unless backbone_lr)")
-    backbone_lr: float | None = Field(None, gt=0, description="peak learning rate of everything but the head")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens)")
-    warmup: float = Field(0.1, ge=0, description="warm-up: a fraction of the steps if < 1, else a step count")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm")
-    batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
-    eval_every_epoch: bool = Field(True, description="evaluate after each epoch (else only at the end)")
-    early_bird: EarlyBird | None = Field(None, description="detect the early-bird ticket; distances and early_bird_masks.safetensors in the stage directory")
-
-    @model_validator(mode="after")
-    def _length(self) -> "Finetune":
-        if self.epochs is None and self.steps is None:
-            self.epochs = 1.0
-        return self
-
-    def train_spec(self):
-        from ..train import TrainSpec
-
-        return TrainSpec(
-            train=self.train, epochs=self.epochs or 1.0, steps=self.steps, lr=self.lr, backbone_lr=self.backbone_lr,
-            weight_decay=self.weight_decay, warmup=self.warmup, schedule=self.schedule,
-            label_smoothing=self.label_smoothing, grad_clip=self.grad_clip, eval_every_epoch=self.eval_every_epoch,
-        )
+from lotus_deploy.recipe.stages import Finetune
+from lotus_deploy.registry import register_stage
 
 
 def run_training(cfg: Finetune, state, forward=None, make_loader=None, steps_per_epoch=None, **hooks):
@@ -63,7 +14,7 @@ def run_training(cfg: Finetune, state, forward=None, make_loader=None, steps_per
     Returns:
         (history, final eval metrics).
     """
-    from ..train import train
+    from lotus_deploy.train import train
 
     data = state.data
     bs = cfg.batch_size or data.cfg.batch_size
@@ -86,22 +37,14 @@ def run_training(cfg: Finetune, state, forward=None, make_loader=None, steps_per
 
 def write_history(state, history: list[dict]):
     """history.csv of per-epoch metrics in the stage directory."""
-    import csv
-    import io
+    from lotus_deploy.files import write_csv
 
-    from ..io import write_text
-
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(history)
-    return write_text(state.stage_dir / "history.csv", buf.getvalue())
+    return write_csv(state.stage_dir / "history.csv", history)
 
 
 @register_stage(Finetune)
 def finetune(cfg: Finetune, state):
-    from ..state import StageResult
+    from lotus_deploy.state import StageResult
 
     watch = _early_bird_watch(cfg, state) if cfg.early_bird is not None else None
     history, final = run_training(cfg, state, **(watch.hooks() if watch else {}))
@@ -117,8 +60,8 @@ def finetune(cfg: Finetune, state):
 
 def _early_bird_watch(cfg: Finetune, state):
     """The early-bird hooks for this stage (sparsity words resolved from the sweep)."""
-    from ..early_bird import EarlyBirdDetector, EarlyBirdWatch
-    from .sparsity import resolve_sparsity
+    from lotus_deploy.prune.early_bird import EarlyBirdDetector, EarlyBirdWatch
+    from lotus_deploy.stages.sparsity import resolve_sparsity
 
     eb = cfg.early_bird
     sparsity, provenance = resolve_sparsity(eb.sparsity, state, eb.scope)

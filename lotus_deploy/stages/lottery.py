@@ -16,12 +16,10 @@ the teacher score each (augmented) batch during training instead.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-from pydantic import Field, model_validator
-
-from ..registry import register_stage
-from .finetune import Finetune, _early_bird_watch, run_training, write_history
+from lotus_deploy.recipe.stages import LotteryFinetune
+from lotus_deploy.registry import register_stage
+from lotus_deploy.stages.finetune import _early_bird_watch, run_training, write_history
 
 AUGMENT_NOTE = (
     "augmentation disabled: cached ticket scores belong to the patch positions of the un-augmented "
@@ -29,38 +27,6 @@ AUGMENT_NOTE = (
 )
 
 
-class LotteryFinetune(Finetune):
-    """Finetune on the top-K attention patches of each image (or random/all patches as controls).
-
-    Every :class:`Finetune` field applies (schedule, learning rates, ``early_bird``).
-    """
-
-    kind: Literal["lottery_finetune"] = "lottery_finetune"  # type: ignore[assignment]
-    keep: float | None = Field(None, gt=0, le=1, description="fraction of patches kept per image; K = ceil(keep * patches); default 0.9 (the paper drops 10%)")
-    drop: float | None = Field(None, ge=0, lt=1, description="fraction of patches dropped (keep = 1 - drop); set keep or drop")
-    selection: Literal["attention", "random", "full"] = Field("attention", description="attention: top-K teacher CLS attention; random: K random patches per image and epoch; full: every patch (control)")
-    blocks: Literal["last", "mean"] | list[int] = Field("last", description="blocks whose CLS attention scores patches: last, mean (all blocks) or a list of indices")
-    sink: Literal["normalize", "exclude"] = Field("normalize", description="attention sink: normalize (LOTUS: prefix weight -> mean patch weight, renormalize per head) or exclude (Data-LTH: drop the prefix columns)")
-    teacher: str | None = Field(None, description="variant of this run that scores patches (initial, dense, a finished stage name); default the model entering the stage")
-    scoring: Literal["cached", "online"] = Field("cached", description="cached: score the training set once (no augmentation); online: the teacher scores each augmented batch")
-    score_batch_size: int | None = Field(None, gt=0, description="batch size of the scoring pass; default the eval batch size")
-    eval_tokens: Literal["all", "ticket"] = Field("all", description="all: evaluate on every patch; ticket: also on the teacher's tickets of the eval images")
-    show: int = Field(16, ge=0, description="training images in tickets.png (dropped patches greyed); 0: no figure")
-
-    @model_validator(mode="after")
-    def _keep_or_drop(self) -> "LotteryFinetune":
-        if self.keep is not None and self.drop is not None:
-            raise ValueError("set keep or drop, not both")
-        return self
-
-    @property
-    def keep_ratio(self) -> float:
-        """The fraction of patches kept (1.0 for ``selection: full``)."""
-        if self.selection == "full":
-            return 1.0
-        if self.drop is not None:
-            return 1.0 - self.drop
-        return 0.9 if self.keep is None else self.keep
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -70,8 +36,9 @@ def _teacher(cfg: LotteryFinetune, state):
     """(teacher model, its name): a named variant of the run, or None for the model entering."""
     if cfg.teacher is None:
         return None, "entering"
-    from ..models import build_model
-    from ..pipeline import RunError, load_checkpoint, variant_entries
+    from lotus_deploy.errors import RunError
+    from lotus_deploy.models import build_model
+    from lotus_deploy.run import load_checkpoint, variant_entries
 
     entries = variant_entries(state.recipe, state.manifest)
     if cfg.teacher not in entries:
@@ -83,7 +50,7 @@ def _teacher(cfg: LotteryFinetune, state):
 
 def _plain_train(state):
     """The training subset without augmentation (same images, same order as ``state.data.train``)."""
-    from ..data import build_data
+    from lotus_deploy.data import build_data
 
     d = state.data
     if d.cfg.augment == "none":
@@ -95,9 +62,9 @@ def _plain_train(state):
 
 def score_info(state, teacher, split: str, block_ids: list[int]) -> dict:
     """What ticket scores depend on (hashed into the cache file name)."""
-    from ..data import build_transform
-    from ..io import sha256_json
-    from ..tickets import weights_hash
+    from lotus_deploy.data import build_transform
+    from lotus_deploy.files import sha256_json
+    from lotus_deploy.prune.tickets import weights_hash
 
     d = state.data
     keep = ("kind", "root", "train_subset", "eval_subset", "subset_seed")
@@ -118,7 +85,7 @@ def _scores(cfg, state, teacher, dataset, split: str, block_ids: list[int]):
     """(sink -> (n, P) scores, source, path, seconds) through the run's cache."""
     import time
 
-    from ..tickets import cached_scores, score_dataset
+    from lotus_deploy.prune.tickets import cached_scores, score_dataset
 
     d = state.data
     bs = cfg.score_batch_size or d.cfg.eval_batch_size or d.cfg.batch_size
@@ -144,7 +111,12 @@ class _OnlineForward:
     def idx(self, x):
         import torch
 
-        from ..tickets import cls_attention, num_kept, patch_scores, top_k
+        from lotus_deploy.prune.tickets import (
+            cls_attention,
+            num_kept,
+            patch_scores,
+            top_k,
+        )
 
         B = x.shape[0]
         if self.cfg.selection == "full":
@@ -156,37 +128,22 @@ class _OnlineForward:
         return top_k(patch_scores(rows, self.teacher.num_prefix_tokens, self.cfg.sink), k)
 
     def __call__(self, x, extra=None):
-        from ..tickets import forward_tokens
+        from lotus_deploy.prune.tickets import forward_tokens
 
         return forward_tokens(self.model, x, self.idx(x) if extra is None else extra)
 
 
 def _eval_on_tickets(state, table):
     """Eval metrics with the model run on each eval image's ticket (table rows in eval order)."""
-    import torch
     from torch.utils.data import DataLoader
 
-    from ..tickets import TicketDataset, forward_tokens
-    from ..train import _autocast
+    from lotus_deploy.prune.tickets import TicketDataset, forward_tokens
+    from lotus_deploy.train import evaluate
 
     d = state.data
     loader = DataLoader(TicketDataset(d.eval_dataset(), table), batch_size=d.cfg.eval_batch_size or d.cfg.batch_size, shuffle=False)
-    model = state.model
-    was = model.training
-    model.eval()
-    n = c1 = c5 = 0
-    loss = 0.0
-    with torch.no_grad(), _autocast(state.device):
-        for x, y, idx in loader:
-            x, y = x.to(state.device), y.to(state.device)
-            logits = forward_tokens(model, x, idx.to(state.device)).float()  # (B, classes)
-            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            top = logits.topk(min(5, logits.shape[1]), 1).indices
-            c1 += (top[:, 0] == y).sum().item()
-            c5 += (top == y[:, None]).any(1).sum().item()
-            n += y.numel()
-    model.train(was)
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "loss": loss / max(n, 1)}
+    r = evaluate(state.model, loader, state.device, forward=lambda x, idx: forward_tokens(state.model, x, idx), desc="ticket eval")
+    return {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"]}
 
 
 def show_indices(n_images: int, show: int) -> list[int]:
@@ -206,7 +163,14 @@ def ticket_figure(cfg: LotteryFinetune, teacher, dataset, state, seed: int, path
     """
     import torch
 
-    from ..tickets import denormalize, num_patches, resolve_blocks, save_ticket_grid, score_images, select_tickets
+    from lotus_deploy.prune.tickets import (
+        denormalize,
+        num_patches,
+        resolve_blocks,
+        save_ticket_grid,
+        score_images,
+        select_tickets,
+    )
 
     model = teacher if teacher is not None else state.model
     picks = show_indices(len(dataset), show)
@@ -240,11 +204,18 @@ def lottery_finetune(cfg: LotteryFinetune, state):
     import torch
     from torch.utils.data import DataLoader
 
-    from ..state import StageResult
-    from ..tickets import (
-        TicketDataset, check_token_model, forward_tokens, num_kept, num_patches, resolve_blocks, save_curves,
-        select_tickets, ticket_overlap,
+    from lotus_deploy.prune.tickets import (
+        TicketDataset,
+        check_token_model,
+        forward_tokens,
+        num_kept,
+        num_patches,
+        resolve_blocks,
+        save_curves,
+        select_tickets,
+        ticket_overlap,
     )
+    from lotus_deploy.state import StageResult
 
     model = state.model
     check_token_model(model)
@@ -378,7 +349,8 @@ def show_run_tickets(run_dir, show: int, out=None, stage: str | None = None):
     """
     from pathlib import Path
 
-    from ..pipeline import Run, RunError, checkpoint_entry, load_checkpoint
+    from lotus_deploy.errors import RunError
+    from lotus_deploy.run import Run, checkpoint_entry, load_checkpoint
 
     run = Run(run_dir)
     found = [(i, s) for i, s in enumerate(run.recipe.stages) if s.kind == "lottery_finetune" and (stage is None or s.name == stage)]

@@ -2,24 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from pydantic import Field
-
-from ..config import Scope, SparsityOrKnee, StageConfig
-from ..registry import register_stage
-from ..scope import DEFAULT_SCOPE
-
-
-class MagnitudePrune(StageConfig):
-    """Zero the smallest-magnitude weights in scope (global ranking by default)."""
-
-    makes_masks: ClassVar[bool] = True
-
-    kind: Literal["magnitude_prune"] = "magnitude_prune"
-    sparsity: SparsityOrKnee = Field(description="fraction of the weights in scope to zero, in [0, 1), or knee / knee_curvature from an earlier essential_sparsity stage")
-    granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights together or per tensor")
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to prune (scope grammar)")
+from lotus_deploy.recipe.stages import MagnitudePrune
+from lotus_deploy.registry import register_stage
 
 
 def prune_masks(model, scope, sparsity: float, granularity: str, existing=None):
@@ -27,12 +11,12 @@ def prune_masks(model, scope, sparsity: float, granularity: str, existing=None):
 
     Weights already masked in ``existing`` stay masked and count toward the target.
     """
-    from ..scope import select_weights
+    from lotus_deploy.scope import select_weights
 
     weights = select_weights(model, scope)
     if not weights:
         raise ValueError(f"scope {list(scope)} selects no prunable weights")
-    from ..masks import magnitude_masks
+    from lotus_deploy.masks import magnitude_masks
 
     existing = {k: v for k, v in (existing or {}).items() if k in weights}
     return magnitude_masks(weights, sparsity, granularity, existing or None)
@@ -40,8 +24,8 @@ def prune_masks(model, scope, sparsity: float, granularity: str, existing=None):
 
 def mask_report(state, scope) -> dict:
     """Sparsity of the scope and of the whole model, parameter and non-zero counts."""
-    from ..masks import mask_sparsity, masks_hash, weight_stats
-    from ..scope import select_weights
+    from lotus_deploy.masks import mask_sparsity, masks_hash, weight_stats
+    from lotus_deploy.scope import select_weights
 
     in_scope = list(select_weights(state.model, scope))
     s = weight_stats(state.model, in_scope)
@@ -59,10 +43,9 @@ def mask_report(state, scope) -> dict:
 
 @register_stage(MagnitudePrune)
 def magnitude_prune(cfg: MagnitudePrune, state):
-    from ..masks import apply_masks_
-    from ..state import StageResult
-
-    from .sparsity import resolve_sparsity
+    from lotus_deploy.masks import apply_masks_
+    from lotus_deploy.stages.sparsity import resolve_sparsity
+    from lotus_deploy.state import StageResult
 
     sparsity, provenance = resolve_sparsity(cfg.sparsity, state, cfg.scope)
     new = prune_masks(state.model, cfg.scope, sparsity, cfg.granularity, state.masks)

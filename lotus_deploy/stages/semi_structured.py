@@ -10,24 +10,8 @@ and ``bake``; export then checks that every layer listed here is still 2:4 in th
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from pydantic import Field
-
-from ..config import Scope, StageConfig
-from ..registry import register_stage
-from ..scope import DEFAULT_SCOPE
-
-
-class SemiStructured(StageConfig):
-    """2:4 structured sparsity on the block Linears (by default), combined with earlier masks."""
-
-    makes_masks: ClassVar[bool] = True
-
-    kind: Literal["semi_structured"] = "semi_structured"
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to make 2:4 (scope grammar); ineligible ones are skipped and reported")
-    permute: bool = Field(False, description="search an input-channel permutation per layer first (timm Mlp fc2, Attention proj) to keep more magnitude")
-    permute_seconds: float = Field(2.0, gt=0, description="time budget of the permutation search per layer (s)")
+from lotus_deploy.recipe.stages import SemiStructured
+from lotus_deploy.registry import register_stage
 
 
 def semi_structured_masks(model, scope, existing=None) -> tuple[dict, dict[str, str]]:
@@ -44,8 +28,8 @@ def semi_structured_masks(model, scope, existing=None) -> tuple[dict, dict[str, 
     Raises:
         ValueError: the scope selects nothing.
     """
-    from ..scope import select_weights
-    from ..sparsity24 import eligible, two_four_masks
+    from lotus_deploy.prune.two_four import eligible, two_four_masks
+    from lotus_deploy.scope import select_weights
 
     selected = select_weights(model, scope)
     if not selected:
@@ -66,7 +50,7 @@ def semi_structured_masks(model, scope, existing=None) -> tuple[dict, dict[str, 
 
 def layer_table(model, masks, kept_dense: dict[str, float]) -> dict[str, dict]:
     """Per 2:4 layer: shape, sparsity of its mask and the fraction of |w| it keeps."""
-    from ..sparsity24 import is_small, kept_magnitude
+    from lotus_deploy.prune.two_four import is_small, kept_magnitude
 
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
     out = {}
@@ -85,16 +69,16 @@ def layer_table(model, masks, kept_dense: dict[str, float]) -> dict[str, dict]:
 def semi_structured(cfg: SemiStructured, state):
     import torch
 
-    from ..io import write_json
-    from ..masks import apply_masks_, weight_stats
-    from ..sparsity24 import SMALL_CHANNELS, is_two_four
-    from ..state import StageResult
-    from .prune import mask_report
+    from lotus_deploy.files import write_json
+    from lotus_deploy.masks import apply_masks_, weight_stats
+    from lotus_deploy.prune.two_four import SMALL_CHANNELS, is_two_four
+    from lotus_deploy.stages.prune import mask_report
+    from lotus_deploy.state import StageResult
 
     metrics: dict = {}
     artifacts = {}
     if cfg.permute:
-        from ..permute import permute_for_two_four_
+        from lotus_deploy.prune.permute import permute_for_two_four_
 
         targets, _ = semi_structured_masks(state.model, cfg.scope, state.masks)
         out = permute_for_two_four_(state.model, list(targets), state.masks, cfg.permute_seconds, seed=state.seed())

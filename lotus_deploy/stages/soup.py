@@ -27,62 +27,13 @@ draws the same masks as an uninterrupted one.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
-
-from ..config import Scope, Sparsity, SparsityOrKnee, StageConfig
-from ..registry import register_stage
-from ..scope import DEFAULT_SCOPE
+from lotus_deploy.recipe.stages import InstantSoup
+from lotus_deploy.registry import register_stage
 
 ROUND_FILE = "soup_round.safetensors"
 
 
-class InstantSoup(StageConfig):
-    """Iterative soup of weak-learner masks down to ``sparsity``, then one-shot rest and fine-tune."""
-
-    makes_masks: ClassVar[bool] = True
-
-    kind: Literal["instant_soup"] = "instant_soup"
-    sparsity: SparsityOrKnee = Field(description="target sparsity of the scope (fraction), or knee / knee_curvature")
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (global magnitude ranking)")
-    learners: int = Field(5, ge=1, description="weak learners per round (union_levels uses one)")
-    data_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the training subset each learner trains on")
-    learner_epochs: float = Field(1.0, gt=0, description="epochs over its fraction each learner trains")
-    step: float = Field(0.1, gt=0, lt=1, description="fraction of its remaining weights each learner prunes per round")
-    combine: Literal["union", "intersection", "vote", "union_levels"] = Field(
-        "union", description="how learners' masks merge: union (ISP default), intersection, vote (strict majority), union_levels (LOTUS ISSP ablation)",
-    )
-    levels: list[Sparsity] | None = Field(
-        None, description="union_levels: sparsity levels (fractions); default 3 levels evenly up to the target",
-    )
-    stop_within: float = Field(0.05, ge=0, lt=1, description="stop the rounds when the sparsity is within this of the target (fraction)")
-    max_rounds: int = Field(50, ge=1, description="safety cap on rounds (a warning is logged when hit)")
-    main_fraction: float | None = Field(None, gt=0, le=1, description="fraction of the training subset the main model trains on each round; default data_fraction")
-    main_epochs: float = Field(1.0, ge=0, description="epochs over its fraction the main model trains each round (0: no main training)")
-    lr: float = Field(1e-3, gt=0, description="learning rate of the head (and of the backbone unless backbone_lr), constant in rounds")
-    backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head")
-    round_lr_scale: float = Field(
-        1.0, gt=0, le=1, description="multiplies lr and backbone_lr while learners and the main model train in rounds; the final fine-tune uses them unscaled",
-    )
-    weight_decay: float = Field(0.05, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
-    prune_remainder: bool = Field(True, description="prune one-shot from the rounds' sparsity to the target (false: stop where the soup stopped)")
-    finetune_epochs: float = Field(1.0, ge=0, description="final fine-tune over the training subset (cosine after warm-up)")
-    finetune_steps: int | None = Field(None, ge=0, description="final fine-tune steps; overrides finetune_epochs")
-    finetune_warmup: float = Field(0.1, ge=0, description="final fine-tune warm-up: a fraction of its steps if < 1, else steps")
-    budget_images: int | None = Field(
-        None, gt=0, description="total images seen by learners, main model and fine-tune; the fine-tune gets the whole batches the rounds left (overrides its length)",
-    )
-    eval_rounds: bool = Field(True, description="evaluate every learner, the combined mask and the main model in each round (eval_images), and the model before the fine-tune (all eval images)")
-    eval_images: int | None = Field(None, gt=0, description="round evaluations use N eval images evenly strided over the eval split (default all); the final one uses all")
-
-    @model_validator(mode="after")
-    def _levels(self) -> "InstantSoup":
-        if self.levels is not None and self.combine != "union_levels":
-            raise ValueError("levels is only used with combine: union_levels")
-        return self
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -90,7 +41,7 @@ class InstantSoup(StageConfig):
 
 def combine_masks(mask_sets: list, how: str) -> dict:
     """Merge mask sets: ``union``/``union_levels`` (any keeps), ``intersection`` (all keep), ``vote`` (strict majority)."""
-    from ..masks import intersection, union, vote
+    from lotus_deploy.masks import intersection, union, vote
 
     ops = {"union": union, "union_levels": union, "intersection": intersection, "vote": vote}
     if how not in ops:
@@ -110,7 +61,7 @@ def default_levels(current: float, target: float, n: int = 3) -> list[float]:
 
 def level_masks(weights, levels, existing=None) -> list[dict]:
     """Global magnitude masks of one weight set at each level (nested: higher levels keep less)."""
-    from ..masks import magnitude_masks
+    from lotus_deploy.masks import magnitude_masks
 
     return [magnitude_masks(weights, lv, "global", existing) for lv in levels]
 
@@ -122,7 +73,7 @@ def cap_sparsity(combined, weights, target: float, existing=None) -> dict:
     stay removed. The result keeps a superset of ``combined`` (when it is sparser than
     ``target``; otherwise it is returned as the target-sparsity mask of the same ranking).
     """
-    from ..masks import magnitude_masks
+    from lotus_deploy.masks import magnitude_masks
 
     gmax = max(float(w.detach().abs().max()) for w in weights.values()) or 1.0
     scores = {  # removed by combined: [0, 1) by magnitude; kept: [1, 2)
@@ -135,7 +86,7 @@ def scope_masks(model, scope, masks) -> dict:
     """The in-scope masks, all-True for in-scope weights without one (bool, on each weight's device)."""
     import torch
 
-    from ..scope import select_weights
+    from lotus_deploy.scope import select_weights
 
     params = select_weights(model, scope)
     if not params:
@@ -160,7 +111,7 @@ def train_on_fraction(model, data, indices, spec, seed: int, batch_size: int, de
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from ..train import train
+    from lotus_deploy.train import train
 
     ds = Subset(data.train, list(indices))
     seen = [0]
@@ -202,7 +153,7 @@ class _Ctx:
         self.images = {"learners": 0, "main": 0, "finetune": 0}
 
     def spec(self, epochs: float):
-        from ..train import TrainSpec
+        from lotus_deploy.train import TrainSpec
 
         c, k = self.cfg, self.cfg.round_lr_scale
         return TrainSpec(train="all", epochs=epochs, lr=k * c.lr, backbone_lr=c.backbone_lr and k * c.backbone_lr, weight_decay=c.weight_decay,
@@ -211,7 +162,7 @@ class _Ctx:
     def evaluate(self, model, desc: str) -> float:
         from torch.utils.data import DataLoader, Subset
 
-        from ..train import evaluate
+        from lotus_deploy.train import evaluate
 
         data = self.state.data
         ds = data.eval_dataset()
@@ -230,9 +181,9 @@ def play_round(ctx: _Ctx, r: int, current: float) -> dict:
     """
     import copy
 
-    from ..masks import apply_masks_, mask_sparsity, masks_hash
-    from ..progress import bar
-    from .prune import prune_masks
+    from lotus_deploy.masks import apply_masks_, mask_sparsity, masks_hash
+    from lotus_deploy.progress import bar
+    from lotus_deploy.stages.prune import prune_masks
 
     cfg, state = ctx.cfg, ctx.state
     existing = scope_masks(state.model, cfg.scope, state.masks)
@@ -301,9 +252,9 @@ def play_round(ctx: _Ctx, r: int, current: float) -> dict:
 
 
 def _fingerprint(state) -> str:
-    from ..io import sha256_json
-    from ..masks import masks_hash
-    from ..recipe import stage_fingerprint
+    from lotus_deploy.files import sha256_json
+    from lotus_deploy.masks import masks_hash
+    from lotus_deploy.recipe import stage_fingerprint
 
     return sha256_json({
         "stage": stage_fingerprint(state.recipe, state.stage_index - 1),
@@ -315,7 +266,7 @@ def save_round(path, state, rounds: list[dict], images: dict, fingerprint: str):
     """Model + masks + round records after a round, atomically (``io.save_tensors``)."""
     import json
 
-    from ..io import save_tensors
+    from lotus_deploy.files import save_tensors
 
     tensors = {f"model/{k}": v for k, v in state.model.state_dict().items()}
     tensors.update({f"mask/{k}": v for k, v in state.masks.items()})
@@ -348,13 +299,13 @@ def load_round(path, fingerprint: str):
 def instant_soup(cfg: InstantSoup, state):
     import torch
 
-    from ..masks import apply_masks_, mask_sparsity, masks_hash
-    from ..plots import plot_soup_rounds
-    from ..progress import bar
-    from ..state import StageResult
-    from ..train import TrainSpec, train
-    from .prune import mask_report, prune_masks
-    from .sparsity import resolve_sparsity
+    from lotus_deploy.masks import apply_masks_, mask_sparsity, masks_hash
+    from lotus_deploy.plots import plot_soup_rounds
+    from lotus_deploy.progress import bar
+    from lotus_deploy.stages.prune import mask_report, prune_masks
+    from lotus_deploy.stages.sparsity import resolve_sparsity
+    from lotus_deploy.state import StageResult
+    from lotus_deploy.train import TrainSpec, train
 
     target, provenance = resolve_sparsity(cfg.sparsity, state, cfg.scope)
     data = state.data
@@ -481,16 +432,7 @@ def _rounds_needed(current: float, step: float, target: float, within: float, ca
 
 
 def _write_rounds_csv(path, rounds: list[dict]):
-    import csv
-    import io
+    from lotus_deploy.files import write_csv
 
-    from ..io import write_text
-
-    keys = ["round", "start_sparsity", "learner_goal", "sparsity", "combined_top1", "main_top1", "learner_top1",
-            "learner_sparsity", "levels", "level_sparsity", "violations", "combined_masks_hash"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    for r in rounds:
-        w.writerow({k: (";".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in r.items()})
-    return write_text(path, buf.getvalue())
+    return write_csv(path, rounds, ["round", "start_sparsity", "learner_goal", "sparsity", "combined_top1", "main_top1", "learner_top1",
+                                    "learner_sparsity", "levels", "level_sparsity", "violations", "combined_masks_hash"])

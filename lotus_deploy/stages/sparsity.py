@@ -11,50 +11,14 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-from pydantic import Field, field_validator, model_validator
-
-from ..config import KNEE_VALUES, Scope, Sparsity, StageConfig
-from ..registry import register_stage
-from ..scope import DEFAULT_SCOPE
+from lotus_deploy.recipe.base import KNEE_VALUES
+from lotus_deploy.recipe.stages import EssentialSparsity
+from lotus_deploy.registry import register_stage
 
 DEFAULT_SWEEP: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(11))  # 0, 0.05, ..., 0.5
 PRIMARY = "scope"  # curve name of the `scope` field (the extra `scopes` are named by the user)
 
 
-class EssentialSparsity(StageConfig):
-    """One-shot magnitude sweep; knee = largest sparsity within ``tolerance`` points of dense."""
-
-    kind: Literal["essential_sparsity"] = "essential_sparsity"
-    sparsities: list[Sparsity] = Field(
-        default_factory=lambda: list(DEFAULT_SWEEP), min_length=1,
-        description="sparsities to measure (fractions); 0 (dense) is always measured",
-    )
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (scope grammar); its knee is the one later stages use")
-    scopes: dict[str, Scope] = Field(
-        default_factory=dict,
-        description="more scope choices to sweep, name -> patterns; one curve each (a later stage uses the curve whose patterns equal its own scope)",
-    )
-    granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights in scope together or per tensor")
-    tolerance: float = Field(1.0, ge=0, description="allowed top-1 drop from dense at the knee, in accuracy points")
-    apply: Literal["none", "tolerance_knee", "curvature_knee"] = Field(
-        "none", description="none: the sweep only measures (model left dense); else prune `scope` at that knee",
-    )
-
-    @property
-    def makes_masks(self) -> bool:  # type: ignore[override]
-        """Pruning stage only when ``apply`` prunes at a knee."""
-        return self.apply != "none"
-
-    @field_validator("sparsities")
-    @classmethod
-    def _sorted_unique(cls, v: list[float]) -> list[float]:
-        return sorted(set(float(x) for x in v) | {0.0})
-
-    @model_validator(mode="after")
-    def _names(self) -> "EssentialSparsity":
-        if PRIMARY in self.scopes:
-            raise ValueError(f"scopes: the name {PRIMARY!r} is taken by the `scope` field's curve")
-        return self
 
 
 # ----------------------------------------------------------------------------- knees (pure)
@@ -119,7 +83,7 @@ def ranked_masks(weights, granularity: str = "global", existing=None):
     """
     import torch
 
-    from ..masks import magnitude_scores, split_flat
+    from lotus_deploy.masks import magnitude_scores, split_flat
 
     ranked = []
     for names, flat in magnitude_scores(weights, granularity, existing):
@@ -168,8 +132,8 @@ def sweep(
     """
     import torch
 
-    from ..masks import masks_hash, weight_stats
-    from ..scope import select_weights
+    from lotus_deploy.masks import masks_hash, weight_stats
+    from lotus_deploy.scope import select_weights
 
     params = select_weights(model, scope)
     if not params:
@@ -236,28 +200,19 @@ def resolve_sparsity(value, state, scope: Sequence[str] | None = None) -> tuple[
 
 
 def _write_csv(path, rows: list[dict]):
-    import csv
-    import io
+    from lotus_deploy.files import write_csv
 
-    from ..io import write_text
-
-    keys = ["curve", "target", "sparsity", "top1", "top5", "loss", "drop", "images", "seconds", "masks_hash"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    return write_text(path, buf.getvalue())
-
+    return write_csv(path, rows, ["curve", "target", "sparsity", "top1", "top5", "loss", "drop", "images", "seconds", "masks_hash"])
 
 @register_stage(EssentialSparsity)
 def essential_sparsity(cfg: EssentialSparsity, state):
     import statistics
     import time
 
-    from ..masks import apply_masks_
-    from ..plots import plot_sweep
-    from ..state import StageResult
-    from .prune import mask_report, prune_masks
+    from lotus_deploy.masks import apply_masks_
+    from lotus_deploy.plots import plot_sweep
+    from lotus_deploy.stages.prune import mask_report, prune_masks
+    from lotus_deploy.state import StageResult
 
     data = state.data
     data.eval_dataset()  # decode/cache before timing: the sweep measures evaluations only
@@ -334,7 +289,7 @@ def essential_sparsity(cfg: EssentialSparsity, state):
 
 
 def _scope_sparsity(model, patterns) -> float:
-    from ..masks import weight_stats
-    from ..scope import select_weights
+    from lotus_deploy.masks import weight_stats
+    from lotus_deploy.scope import select_weights
 
     return weight_stats(model, list(select_weights(model, patterns)))["sparsity"]

@@ -181,7 +181,7 @@ def write_repository(
     model_dir = repo_dir / name
     (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, model_dir / str(version) / filename)
-    from .io import write_text
+    from lotus_deploy.files import write_text
 
     if classes:
         write_text(model_dir / "labels.txt", "\n".join(classes) + "\n")

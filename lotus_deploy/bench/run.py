@@ -35,8 +35,15 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .backends import BACKENDS, Backend, BackendContext, Prepared, register_backend, resolve_backends
-from .pipeline import RunError
+from lotus_deploy.bench.backends import (
+    BACKENDS,
+    Backend,
+    BackendContext,
+    Prepared,
+    register_backend,
+    resolve_backends,
+)
+from lotus_deploy.errors import RunError
 
 RESULTS_FORMAT = "lotus.bench"
 RESULTS_VERSION = 2
@@ -316,26 +323,17 @@ def time_fn(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float =
 # ----------------------------------------------------------------------------- model facts
 
 
-def two_four_layers(model: torch.nn.Module) -> list[str]:
-    """Linear layers whose weight is 2:4 along the input axis (dim 1, the GEMM's K): at most 2
-    non-zeros in every group of 4 consecutive weights. Layers with ``in_features % 4 != 0`` never are."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m.in_features % 4 == 0:
-            w = m.weight.detach()
-            if bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()):  # (out, in/4)
-                out.append(name)
-    return out
-
 
 def model_facts(model: torch.nn.Module, scope=None) -> dict[str, Any]:
     """Parameters, non-zeros, sparsity overall and in ``scope`` (default: the block Linears), 2:4 layers."""
-    from .masks import weight_stats
-    from .scope import DEFAULT_SCOPE, select_weights
+    from lotus_deploy.masks import weight_stats
+    from lotus_deploy.scope import DEFAULT_SCOPE, select_weights
 
     scope = list(scope or DEFAULT_SCOPE)
     whole = weight_stats(model)
     sc = weight_stats(model, list(select_weights(model, scope)))
+    from lotus_deploy.prune.two_four import two_four_layers
+
     tf = two_four_layers(model)
     return {
         "params": whole["params"], "nonzeros": whole["nonzeros"], "sparsity": whole["sparsity"], "scope": scope,
@@ -382,14 +380,10 @@ def resolve_variants(run, requested: list[str]) -> list[dict]:
 
 def accuracy_pass(predict: Callable[[torch.Tensor], torch.Tensor], loader) -> dict[str, Any]:
     """Top-1 (%) of ``predict``'s own logits over ``loader``; also the logits ``(N, classes)``."""
-    logits, labels = [], []
-    t0 = time.perf_counter()
-    for x, y in loader:
-        logits.append(predict(x).float())
-        labels.append(y)
-    seconds = time.perf_counter() - t0
-    lg, y = torch.cat(logits), torch.cat(labels)
-    return {"top1": 100.0 * int((lg.argmax(1) == y).sum()) / len(y), "images": len(y), "logits": lg, "seconds": seconds}
+    from lotus_deploy.metrics import top1_loop
+
+    r = top1_loop({"p": predict}, loader, keep_logits=True)["p"]
+    return {"top1": r["top1"], "images": r["images"], "logits": torch.from_numpy(r["logits"]), "seconds": r["seconds"]}
 
 
 def pipeline_efficiency(model: torch.nn.Module, data, device: torch.device) -> dict[str, Any]:
@@ -399,7 +393,7 @@ def pipeline_efficiency(model: torch.nn.Module, data, device: torch.device) -> d
     The eval cache (``cache_eval``) is built first: its one-off decoding is not the loop's steady
     state. Goal on the reference benchmark: >= 0.9.
     """
-    from .train import _autocast, evaluate
+    from lotus_deploy.train import autocast, evaluate
 
     data.eval_dataset()  # decode once (cache_eval) before timing the loop
     loader = data.eval_loader()
@@ -409,7 +403,7 @@ def pipeline_efficiency(model: torch.nn.Module, data, device: torch.device) -> d
     x = data.eval_batch(bs)[0].to(device)
     calls = math.ceil(ev["images"] / len(x))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         model(x)
         sync()
         t0 = time.perf_counter()
@@ -465,7 +459,7 @@ def bench_environment(threads: int) -> dict[str, Any]:
     import shutil
     import subprocess
 
-    from .pipeline import environment
+    from lotus_deploy.run import environment
 
     env = environment()
     env["bench_threads"] = threads
@@ -516,13 +510,13 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
     Raises:
         RunError: unknown variant or backend name.
     """
-    from .data import build_data
-    from .io import sha256_file
-    from .masks import apply_masks_
-    from .models import input_spec
-    from .onnx_export import export_onnx
-    from .pipeline import resolve_device
-    from .report import mark_pareto, write_outputs
+    from lotus_deploy.bench.report import mark_pareto, write_outputs
+    from lotus_deploy.data import build_data
+    from lotus_deploy.export.onnx_export import export_onnx
+    from lotus_deploy.files import sha256_file
+    from lotus_deploy.masks import apply_masks_
+    from lotus_deploy.models import input_spec
+    from lotus_deploy.run import resolve_device
 
     try:
         backends: list[Backend] = resolve_backends(cfg.backends)
@@ -691,6 +685,6 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
 
 __all__ = [
     "BACKENDS", "register_backend", "BenchResults", "load_results", "results_path", "run_bench", "time_fn", "time_arms",
-    "latency_stats", "percentile", "two_four_layers", "model_facts", "resolve_variants", "accuracy_pass",
+    "latency_stats", "percentile", "model_facts", "resolve_variants", "accuracy_pass",
     "pipeline_efficiency", "sweep_efficiency", "ResultsError",
 ]

@@ -15,12 +15,18 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from . import stages as _stages  # noqa: F401  (registers every stage kind)
-from .config import BenchConfig, DataConfig, ExportConfig, ModelConfig, StageConfig, Strict
-from .registry import STAGES
+from lotus_deploy.recipe.base import (
+    BenchConfig,
+    DataConfig,
+    ExportConfig,
+    ModelConfig,
+    StageConfig,
+    Strict,
+)
+from lotus_deploy.recipe.stages import STAGE_CONFIGS
 
 StageUnion = Annotated[
-    Union[tuple(entry.config_cls for entry in STAGES.values())],  # type: ignore[misc]
+    Union[tuple(STAGE_CONFIGS.values())],  # type: ignore[misc]
     Field(discriminator="kind"),
 ]
 
@@ -85,7 +91,7 @@ def cross_check(r: Recipe) -> list[Problem]:
         if s.name in BUILTIN_VARIANTS:
             out.append(Problem(f"stages.{i}.name", f"reserved for a variant; not allowed: {', '.join(BUILTIN_VARIANTS)}", s.name, True))
         if s.needs_masks and not has_masks:
-            makers = ", ".join(k for k, e in STAGES.items() if e.config_cls.makes_masks)
+            makers = ", ".join(k for k, c in STAGE_CONFIGS.items() if c.makes_masks)
             out.append(Problem(f"stages.{i}", f"{s.kind} needs masks: put a pruning stage ({makers}) before it"))
         for loc in _knee_fields(s.model_dump()):
             if not any(t.kind == "essential_sparsity" for t in r.stages[:i]):
@@ -106,7 +112,7 @@ def cross_check(r: Recipe) -> list[Problem]:
 
 def _knee_fields(d: Any, prefix: str = "") -> list[str]:
     """Dotted paths of ``sparsity`` fields (nested too) set to a knee word in a dumped stage."""
-    from .config import KNEE_VALUES
+    from lotus_deploy.recipe.base import KNEE_VALUES
 
     out: list[str] = []
     if isinstance(d, dict):
@@ -132,7 +138,7 @@ def _unwrap(tp: Any) -> list[Any]:
 
 
 def _stage_cls(kind: Any) -> type[BaseModel] | None:
-    return STAGES[kind].config_cls if isinstance(kind, str) and kind in STAGES else None
+    return STAGE_CONFIGS[kind] if isinstance(kind, str) and kind in STAGE_CONFIGS else None
 
 
 def _annotation_at(path: list[str], raw: dict) -> Any:
@@ -257,7 +263,7 @@ def _problems(e: ValidationError, raw: dict) -> list[Problem]:
             elif parent is None and "." not in loc:
                 msg = f"unknown field; allowed: {', '.join(Recipe.model_fields)}"
         elif err["type"] == "union_tag_invalid":
-            msg = f"unknown stage kind; allowed: {', '.join(STAGES)}"
+            msg = f"unknown stage kind; allowed: {', '.join(STAGE_CONFIGS)}"
         elif err["type"] == "missing":
             msg = "required field is missing"
         if in_union and out and out[-1].loc == loc:  # one problem per field: what each member allows
@@ -319,7 +325,7 @@ def stage_fingerprint(recipe: Recipe, index: int) -> str:
     not count. Fields left at their defaults are not hashed, so a lotus release that adds an
     optional field does not invalidate finished runs.
     """
-    from .io import sha256_json
+    from lotus_deploy.files import sha256_json
 
     def dump(cfg) -> dict:
         return cfg.model_dump(mode="json", exclude_defaults=True)

@@ -6,15 +6,13 @@ PNG; nothing measures. Latency in ms, accuracy in percent top-1.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from .bench import BenchResults
+    from lotus_deploy.bench.run import BenchResults
 
 CSV_COLUMNS = (
     "variant", "backend", "batch", "top1", "agreement", "latency_median_ms", "latency_p90_ms", "latency_p99_ms",
@@ -65,12 +63,9 @@ def mark_pareto(rows: list[dict]) -> None:
 
 def results_csv(rows: Iterable[dict]) -> str:
     """One line per variant x backend x batch (:data:`CSV_COLUMNS`)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-    return buf.getvalue()
+    from lotus_deploy.files import csv_text
+
+    return csv_text(rows, CSV_COLUMNS)
 
 
 def _f(v: Any, fmt: str = ".2f", none: str = "-") -> str:
@@ -254,7 +249,7 @@ def plot_sparsity(res: "BenchResults", path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    from .io import atomic_path
+    from lotus_deploy.files import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -265,7 +260,7 @@ def _save(fig, path: Path) -> Path:
 
 def write_outputs(res: "BenchResults", out_dir: Path) -> dict[str, Path]:
     """results.json, results.csv, report.md, pareto.png and sparsity.png in ``out_dir``."""
-    from .io import write_json, write_text
+    from lotus_deploy.files import write_json, write_text
 
     rows = [r.model_dump() for r in res.rows]
     return {

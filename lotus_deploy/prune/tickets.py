@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .progress import bar
+from lotus_deploy.progress import bar
 
 SINKS = ("normalize", "exclude")
 SELECTIONS = ("attention", "random", "full")
@@ -382,7 +382,7 @@ def cached_scores(
     Returns:
         (scores, ``cache`` or ``computed``, file path).
     """
-    from .io import load_tensors, save_tensors, sha256_json
+    from lotus_deploy.files import load_tensors, save_tensors, sha256_json
 
     key = sha256_json(info)
     path = Path(directory) / f"scores-{split}-{key[:16]}.safetensors"
@@ -424,13 +424,13 @@ def save_ticket_grid(
     images: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int], path: str | Path, title: str = "", labels: Sequence[str] | None = None
 ) -> Path:
     """PNG of images (B, 3, H, W) in [0, 1], each above its ticket (dropped patches grey)."""
-    from .plots import plot_tickets
+    from lotus_deploy.plots import plot_tickets
 
     return plot_tickets(path, images.cpu(), grey_dropped(images.cpu(), idx, grid), labels, title)
 
 
 def save_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """PNG of per-epoch accuracy (%) and loss: train, eval on all patches, eval on tickets."""
-    from .plots import plot_training_curves
+    from lotus_deploy.plots import plot_training_curves
 
     return plot_training_curves(path, history, title)

@@ -12,7 +12,8 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from .scope import DEFAULT_SCOPE, check_pattern
+from lotus_deploy.files import CHECKPOINT_SUFFIXES
+from lotus_deploy.scope import check_pattern
 
 
 class Strict(BaseModel):
@@ -55,8 +56,8 @@ class ModelConfig(Strict):
     @field_validator("weights")
     @classmethod
     def _weights_suffix(cls, v: Path | None) -> Path | None:
-        if v is not None and v.suffix not in {".safetensors", ".pth", ".pt", ".bin"}:
-            raise ValueError(f"weights must be a .safetensors, .pth, .pt or .bin file, got {v.name!r}")
+        if v is not None and v.suffix not in CHECKPOINT_SUFFIXES:
+            raise ValueError(f"weights must be a {', '.join(CHECKPOINT_SUFFIXES)} file, got {v.name!r}")
         return v
 
 

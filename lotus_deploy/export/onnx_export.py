@@ -29,7 +29,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
     """
     import onnx
 
-    from .io import atomic_path
+    from lotus_deploy.files import atomic_path
 
     model = model.eval().to("cpu")
     example = example.to("cpu", torch.float32)

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .sparsity24 import GROUP, two_four_violations
+from lotus_deploy.files import CHECKPOINT_SUFFIXES
+from lotus_deploy.prune.two_four import GROUP, two_four_violations
 
 AXIS_KEEPING_OPS = ("Cast", "Identity", "QuantizeLinear", "DequantizeLinear")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def _stats(a: np.ndarray, axis: int | None) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
 
         sd = load_file(str(path))
     else:
-        from .models import read_state_dict
+        from lotus_deploy.models import read_state_dict
 
         sd = read_state_dict(path)
     out = {}
@@ -239,7 +239,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
 
 def inspect_run(path: str | Path) -> dict[str, Any]:
     """Each distinct checkpoint of a run (with the variants that point at it) and its ONNX files."""
-    from .pipeline import Run
+    from lotus_deploy.run import Run
 
     run = Run(path)
     by_path: dict[str, list[str]] = {}
@@ -392,7 +392,7 @@ def verify_onnx_two_four(path: str | Path, weights: Mapping[str, Any]) -> dict[s
     """
     import onnx
 
-    from .onnx_export import ExportError
+    from lotus_deploy.export.onnx_export import ExportError
 
     rows = [(r, a) for r, a in onnx_weights(onnx.load(str(path)))[0] if a.ndim == 2 and r["constant"]]
     index: dict[tuple, dict] = {}
@@ -430,8 +430,8 @@ def verify_export_two_four(path: str | Path, model, layers: Iterable[str], log: 
     Raises:
         ExportError: some layers lost 2:4 in PyTorch already, or in the ONNX graph.
     """
-    from .onnx_export import ExportError
-    from .sparsity24 import is_two_four
+    from lotus_deploy.export.onnx_export import ExportError
+    from lotus_deploy.prune.two_four import is_two_four
 
     params = dict(model.named_parameters())
     layers = sorted(layers)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .pipeline import RunError
+from lotus_deploy.errors import RunError
 
 INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with its driver and a CUDA build of torch)"
 
@@ -135,7 +135,7 @@ def trtexec_command(onnx: Path, engine: Path, input_name: str, chw: Iterable[int
 
 def write_trtexec_script(path: Path, command: str) -> Path:
     """A bash script that runs ``command`` from its own folder."""
-    from .io import write_text
+    from lotus_deploy.files import write_text
 
     text = (
         "#!/usr/bin/env bash\n"
@@ -323,7 +323,7 @@ def build_engine(
     import tensorrt as trt
     import torch
 
-    from .io import atomic_path, sha256_file, write_json, write_text
+    from lotus_deploy.files import atomic_path, sha256_file, write_json, write_text
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)

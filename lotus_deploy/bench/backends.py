@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .registry import Registry
+from lotus_deploy.registry import Registry
 
 
 @dataclass
@@ -253,14 +253,14 @@ class Torch2to4:
     @staticmethod
     def available() -> str | None:
         try:
-            from .semi_structured_torch import unavailable_reason
+            from lotus_deploy.semi_structured_torch import unavailable_reason
         except ImportError as e:
             return f"lotus_deploy.semi_structured_torch cannot be imported ({e})"
         return unavailable_reason(torch.float16)
 
     @staticmethod
     def prepare(model, ctx: BackendContext) -> Prepared:
-        from .semi_structured_torch import to_semi_structured_
+        from lotus_deploy.semi_structured_torch import to_semi_structured_
 
         m = copy.deepcopy(model).eval()
         report = to_semi_structured_(m, dtype=torch.float16)
@@ -281,7 +281,7 @@ class OrtCPU:
 
     @staticmethod
     def prepare(model, ctx: BackendContext) -> Prepared:
-        from .onnx_export import INPUT_NAME, OUTPUT_NAME
+        from lotus_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME
 
         sess = ort_cpu_session(ctx.onnx_path, ctx.threads)
 
@@ -316,7 +316,7 @@ def _ort_gpu_prepared(ctx: BackendContext, providers: list, want: str) -> Prepar
     """
     import onnxruntime as ort
 
-    from .onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
+    from lotus_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
 
     sess = ort_session(ctx.onnx_path, providers=providers, threads=ctx.threads)
     used = sess.get_providers()
@@ -365,7 +365,7 @@ class OrtTensorRT:
 
     @staticmethod
     def prepare(model, ctx: BackendContext) -> Prepared:
-        from .onnx_export import INPUT_NAME
+        from lotus_deploy.export.onnx_export import INPUT_NAME
 
         cache = ctx.work_dir / "ort_trt_cache"
         cache.mkdir(parents=True, exist_ok=True)
@@ -400,7 +400,7 @@ class TensorRTEngine:
     @staticmethod
     def available() -> str | None:
         try:
-            from .trt import unavailable_reason
+            from lotus_deploy.export.trt import unavailable_reason
         except ImportError as e:
             return f"lotus_deploy.trt cannot be imported ({e})"
         return unavailable_reason()
@@ -409,7 +409,7 @@ class TensorRTEngine:
     def prepare(model, ctx: BackendContext) -> Prepared:
         import numpy as np
 
-        from .trt import BuildSpec, TensorRTSession, build_engine
+        from lotus_deploy.export.trt import BuildSpec, TensorRTSession, build_engine
 
         hi = max(ctx.batch_sizes)
         spec = BuildSpec(

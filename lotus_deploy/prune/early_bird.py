@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .masks import Masks, hamming, masks_hash
+from lotus_deploy.masks import Masks, hamming, masks_hash
 
 
 class EarlyBirdDetector:
@@ -96,7 +96,7 @@ class EarlyBirdWatch:
 
     def __init__(self, model, scope, sparsity: float, detector: EarlyBirdDetector, every="epoch", stop: bool = False,
                  steps_per_epoch: int = 1, existing: Mapping[str, torch.Tensor] | None = None, log=None):
-        from .scope import select_weights
+        from lotus_deploy.scope import select_weights
 
         self.params = select_weights(model, scope)
         if not self.params:
@@ -112,7 +112,7 @@ class EarlyBirdWatch:
 
     def current_masks(self) -> Masks:
         """The magnitude mask of the model's weights right now (pure; model untouched)."""
-        from .masks import magnitude_masks
+        from lotus_deploy.masks import magnitude_masks
 
         return magnitude_masks({k: p.detach() for k, p in self.params.items()}, self.sparsity, "global", self.existing)
 
@@ -151,8 +151,8 @@ class EarlyBirdWatch:
         """
         from pathlib import Path
 
-        from .io import save_tensors
-        from .plots import plot_early_bird
+        from lotus_deploy.files import save_tensors
+        from lotus_deploy.plots import plot_early_bird
 
         out_dir = Path(out_dir)
         det = self.detector

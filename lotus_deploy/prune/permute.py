@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sparsity24 import GROUP, two_four_kept
+from lotus_deploy.prune.two_four import GROUP, two_four_kept
 
 Param = tuple[str, int, int]
 """(parameter name, dim, offset): a parameter slice indexed by the permuted channels."""

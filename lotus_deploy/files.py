@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
+"""Weight files lotus reads (``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``)."""
 
 
 @contextmanager
@@ -39,6 +44,37 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """The one CSV writer: a header, then one line per row (``\\n`` line ends).
+
+    Args:
+        columns: column order; default every key of the rows in first-seen order. Keys outside
+            ``columns`` are left out; ``None`` is written as an empty cell and a list as its
+            items joined by ``;`` (floats with 4 decimals).
+    """
+    rows = list(rows)
+    cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: Any) -> Any:
+        if v is None:
+            return ""
+        if isinstance(v, (list, tuple)):
+            return ";".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in v)
+        return v
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: cell(r.get(k)) for k in cols})
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
+    """:func:`csv_text` written atomically to ``path``."""
+    return write_text(path, csv_text(rows, columns))
 
 
 def read_json(path: str | Path) -> Any:

@@ -148,3 +148,21 @@ __all__ = [
     "N_KEEP", "GROUP", "FLOAT_DTYPES", "SMALL_CHANNELS", "two_four_masks", "two_four_violations", "is_two_four",
     "two_four_groups", "eligible", "is_small", "kept_magnitude", "two_four_kept",
 ]
+
+
+def two_four_layers(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Names of the eligible Linears (:func:`eligible`) whose weight, times its mask in ``masks``
+    when given, is 2:4 along ``in_features`` (K): the layers a sparse GEMM kernel can use. Pure."""
+    import torch.nn as nn
+
+    masks = masks or {}
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and eligible(mod) is None:
+            w = mod.weight.detach()
+            m = masks.get(f"{name}.weight")
+            if m is not None:
+                w = w * m.to(w.device, w.dtype)
+            if is_two_four(w, axis=1):
+                out.append(name)
+    return out

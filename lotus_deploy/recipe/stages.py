@@ -1,0 +1,292 @@
+"""Stage configs: pure data, one class per stage kind (torchao style).
+
+Each config names its implementation module in ``impl``; :func:`lotus_deploy.stages.stage_fn`
+imports it only when the stage runs, so reading a recipe (``lotus validate``, serving a run)
+never imports training code. Every config class here registers its ``kind`` in
+:data:`STAGE_CONFIGS`, a registry that refuses duplicates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from lotus_deploy.recipe.base import (
+    Scope,
+    Sparsity,
+    SparsityOrKnee,
+    StageConfig,
+    Strict,
+)
+from lotus_deploy.registry import Registry
+from lotus_deploy.scope import DEFAULT_SCOPE
+
+DEFAULT_SWEEP: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(11))  # 0, 0.05, ..., 0.5
+PRIMARY = "scope"  # curve name of the `scope` field (the extra `scopes` are named by the user)
+
+STAGE_CONFIGS: Registry[type[StageConfig]] = Registry("stage kind")
+
+
+class EarlyBird(Strict):
+    """Early-bird ticket detection during fine-tuning (:mod:`lotus_deploy.early_bird`)."""
+
+    sparsity: SparsityOrKnee = Field(description="sparsity of the tracked magnitude mask, or knee / knee_curvature from an essential_sparsity stage")
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="weights whose mask is tracked (global ranking)")
+    window: int = Field(5, ge=2, description="masks kept, the newest included")
+    threshold: float = Field(0.1, gt=0, le=1, description="draw the ticket when the largest normalized Hamming distance in a full window is below this")
+    every: Union[Literal["epoch"], Annotated[int, Field(gt=0)]] = Field("epoch", description="check every epoch, or every N optimizer steps")
+    stop: bool = Field(False, description="stop training when the ticket is drawn (else only record it)")
+
+
+class Finetune(StageConfig):
+    """AdamW with warm-up then cosine (or constant), evaluated every epoch."""
+
+    kind: Literal["finetune"] = "finetune"
+    impl: ClassVar[str] = "lotus_deploy.stages.finetune"
+    train: Literal["head", "all"] = Field("all", description="head: only the classifier trains; all: every parameter")
+    epochs: float | None = Field(None, gt=0, description="epochs over the training split (fractions allowed)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the head (and of the backbone unless backbone_lr)")
+    backbone_lr: float | None = Field(None, gt=0, description="peak learning rate of everything but the head")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens)")
+    warmup: float = Field(0.1, ge=0, description="warm-up: a fraction of the steps if < 1, else a step count")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm")
+    batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
+    eval_every_epoch: bool = Field(True, description="evaluate after each epoch (else only at the end)")
+    early_bird: EarlyBird | None = Field(None, description="detect the early-bird ticket; distances and early_bird_masks.safetensors in the stage directory")
+
+    @model_validator(mode="after")
+    def _length(self) -> "Finetune":
+        if self.epochs is None and self.steps is None:
+            self.epochs = 1.0
+        return self
+
+    def train_spec(self):
+        from lotus_deploy.train import TrainSpec
+
+        return TrainSpec(
+            train=self.train, epochs=self.epochs or 1.0, steps=self.steps, lr=self.lr, backbone_lr=self.backbone_lr,
+            weight_decay=self.weight_decay, warmup=self.warmup, schedule=self.schedule,
+            label_smoothing=self.label_smoothing, grad_clip=self.grad_clip, eval_every_epoch=self.eval_every_epoch,
+        )
+
+
+class MagnitudePrune(StageConfig):
+    """Zero the smallest-magnitude weights in scope (global ranking by default)."""
+
+    makes_masks: ClassVar[bool] = True
+
+    kind: Literal["magnitude_prune"] = "magnitude_prune"
+    impl: ClassVar[str] = "lotus_deploy.stages.prune"
+    sparsity: SparsityOrKnee = Field(description="fraction of the weights in scope to zero, in [0, 1), or knee / knee_curvature from an earlier essential_sparsity stage")
+    granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights together or per tensor")
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to prune (scope grammar)")
+
+
+class EssentialSparsity(StageConfig):
+    """One-shot magnitude sweep; knee = largest sparsity within ``tolerance`` points of dense."""
+
+    kind: Literal["essential_sparsity"] = "essential_sparsity"
+    impl: ClassVar[str] = "lotus_deploy.stages.sparsity"
+    sparsities: list[Sparsity] = Field(
+        default_factory=lambda: list(DEFAULT_SWEEP), min_length=1,
+        description="sparsities to measure (fractions); 0 (dense) is always measured",
+    )
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (scope grammar); its knee is the one later stages use")
+    scopes: dict[str, Scope] = Field(
+        default_factory=dict,
+        description="more scope choices to sweep, name -> patterns; one curve each (a later stage uses the curve whose patterns equal its own scope)",
+    )
+    granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights in scope together or per tensor")
+    tolerance: float = Field(1.0, ge=0, description="allowed top-1 drop from dense at the knee, in accuracy points")
+    apply: Literal["none", "tolerance_knee", "curvature_knee"] = Field(
+        "none", description="none: the sweep only measures (model left dense); else prune `scope` at that knee",
+    )
+
+    @property
+    def makes_masks(self) -> bool:  # type: ignore[override]
+        """Pruning stage only when ``apply`` prunes at a knee."""
+        return self.apply != "none"
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sorted_unique(cls, v: list[float]) -> list[float]:
+        return sorted(set(float(x) for x in v) | {0.0})
+
+    @model_validator(mode="after")
+    def _names(self) -> "EssentialSparsity":
+        if PRIMARY in self.scopes:
+            raise ValueError(f"scopes: the name {PRIMARY!r} is taken by the `scope` field's curve")
+        return self
+
+
+class InstantSoup(StageConfig):
+    """Iterative soup of weak-learner masks down to ``sparsity``, then one-shot rest and fine-tune."""
+
+    makes_masks: ClassVar[bool] = True
+
+    kind: Literal["instant_soup"] = "instant_soup"
+    impl: ClassVar[str] = "lotus_deploy.stages.soup"
+    sparsity: SparsityOrKnee = Field(description="target sparsity of the scope (fraction), or knee / knee_curvature")
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (global magnitude ranking)")
+    learners: int = Field(5, ge=1, description="weak learners per round (union_levels uses one)")
+    data_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the training subset each learner trains on")
+    learner_epochs: float = Field(1.0, gt=0, description="epochs over its fraction each learner trains")
+    step: float = Field(0.1, gt=0, lt=1, description="fraction of its remaining weights each learner prunes per round")
+    combine: Literal["union", "intersection", "vote", "union_levels"] = Field(
+        "union", description="how learners' masks merge: union (ISP default), intersection, vote (strict majority), union_levels (LOTUS ISSP ablation)",
+    )
+    levels: list[Sparsity] | None = Field(
+        None, description="union_levels: sparsity levels (fractions); default 3 levels evenly up to the target",
+    )
+    stop_within: float = Field(0.05, ge=0, lt=1, description="stop the rounds when the sparsity is within this of the target (fraction)")
+    max_rounds: int = Field(50, ge=1, description="safety cap on rounds (a warning is logged when hit)")
+    main_fraction: float | None = Field(None, gt=0, le=1, description="fraction of the training subset the main model trains on each round; default data_fraction")
+    main_epochs: float = Field(1.0, ge=0, description="epochs over its fraction the main model trains each round (0: no main training)")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the head (and of the backbone unless backbone_lr), constant in rounds")
+    backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head")
+    round_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="multiplies lr and backbone_lr while learners and the main model train in rounds; the final fine-tune uses them unscaled",
+    )
+    weight_decay: float = Field(0.05, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
+    prune_remainder: bool = Field(True, description="prune one-shot from the rounds' sparsity to the target (false: stop where the soup stopped)")
+    finetune_epochs: float = Field(1.0, ge=0, description="final fine-tune over the training subset (cosine after warm-up)")
+    finetune_steps: int | None = Field(None, ge=0, description="final fine-tune steps; overrides finetune_epochs")
+    finetune_warmup: float = Field(0.1, ge=0, description="final fine-tune warm-up: a fraction of its steps if < 1, else steps")
+    budget_images: int | None = Field(
+        None, gt=0, description="total images seen by learners, main model and fine-tune; the fine-tune gets the whole batches the rounds left (overrides its length)",
+    )
+    eval_rounds: bool = Field(True, description="evaluate every learner, the combined mask and the main model in each round (eval_images), and the model before the fine-tune (all eval images)")
+    eval_images: int | None = Field(None, gt=0, description="round evaluations use N eval images evenly strided over the eval split (default all); the final one uses all")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "InstantSoup":
+        if self.levels is not None and self.combine != "union_levels":
+            raise ValueError("levels is only used with combine: union_levels")
+        return self
+
+
+class LotteryFinetune(Finetune):
+    """Finetune on the top-K attention patches of each image (or random/all patches as controls).
+
+    Every :class:`Finetune` field applies (schedule, learning rates, ``early_bird``).
+    """
+
+    kind: Literal["lottery_finetune"] = "lottery_finetune"  # type: ignore[assignment]
+    impl: ClassVar[str] = "lotus_deploy.stages.lottery"
+    keep: float | None = Field(None, gt=0, le=1, description="fraction of patches kept per image; K = ceil(keep * patches); default 0.9 (the paper drops 10%)")
+    drop: float | None = Field(None, ge=0, lt=1, description="fraction of patches dropped (keep = 1 - drop); set keep or drop")
+    selection: Literal["attention", "random", "full"] = Field("attention", description="attention: top-K teacher CLS attention; random: K random patches per image and epoch; full: every patch (control)")
+    blocks: Literal["last", "mean"] | list[int] = Field("last", description="blocks whose CLS attention scores patches: last, mean (all blocks) or a list of indices")
+    sink: Literal["normalize", "exclude"] = Field("normalize", description="attention sink: normalize (LOTUS: prefix weight -> mean patch weight, renormalize per head) or exclude (Data-LTH: drop the prefix columns)")
+    teacher: str | None = Field(None, description="variant of this run that scores patches (initial, dense, a finished stage name); default the model entering the stage")
+    scoring: Literal["cached", "online"] = Field("cached", description="cached: score the training set once (no augmentation); online: the teacher scores each augmented batch")
+    score_batch_size: int | None = Field(None, gt=0, description="batch size of the scoring pass; default the eval batch size")
+    eval_tokens: Literal["all", "ticket"] = Field("all", description="all: evaluate on every patch; ticket: also on the teacher's tickets of the eval images")
+    show: int = Field(16, ge=0, description="training images in tickets.png (dropped patches greyed); 0: no figure")
+
+    @model_validator(mode="after")
+    def _keep_or_drop(self) -> "LotteryFinetune":
+        if self.keep is not None and self.drop is not None:
+            raise ValueError("set keep or drop, not both")
+        return self
+
+    @property
+    def keep_ratio(self) -> float:
+        """The fraction of patches kept (1.0 for ``selection: full``)."""
+        if self.selection == "full":
+            return 1.0
+        if self.drop is not None:
+            return 1.0 - self.drop
+        return 0.9 if self.keep is None else self.keep
+
+
+class SemiStructured(StageConfig):
+    """2:4 structured sparsity on the block Linears (by default), combined with earlier masks."""
+
+    makes_masks: ClassVar[bool] = True
+
+    kind: Literal["semi_structured"] = "semi_structured"
+    impl: ClassVar[str] = "lotus_deploy.stages.semi_structured"
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to make 2:4 (scope grammar); ineligible ones are skipped and reported")
+    permute: bool = Field(False, description="search an input-channel permutation per layer first (timm Mlp fc2, Attention proj) to keep more magnitude")
+    permute_seconds: float = Field(2.0, gt=0, description="time budget of the permutation search per layer (s)")
+
+
+class Bake(StageConfig):
+    """After bake the checkpoint is a plain timm state dict with zeros in it."""
+
+    needs_masks: ClassVar[bool] = True
+    ends_masks: ClassVar[bool] = True
+
+    kind: Literal["bake"] = "bake"
+    impl: ClassVar[str] = "lotus_deploy.stages.bake"
+
+
+class Evaluate(StageConfig):
+    kind: Literal["evaluate"] = "evaluate"
+    impl: ClassVar[str] = "lotus_deploy.stages.evaluate"
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="scope whose sparsity is reported")
+
+
+class Export(StageConfig):
+    """Uses the recipe's ``export`` section (opset, tolerance, images compared)."""
+
+    kind: Literal["export"] = "export"
+    impl: ClassVar[str] = "lotus_deploy.stages.export"
+
+
+class Engine(StageConfig):
+    """TensorRT build settings; the same fields drive ``lotus export RUN --trt``."""
+
+    kind: Literal["engine"] = "engine"
+    impl: ClassVar[str] = "lotus_deploy.stages.engine"
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="builder precision flag (ignored when strongly_typed)")
+    sparse: Literal["auto", "on", "off"] = Field("auto", description="SPARSE_WEIGHTS: auto = on when the model has 2:4 Linear weights")
+    min_batch: int = Field(1, ge=1, description="optimization profile: smallest batch (images)")
+    opt_batch: int = Field(8, ge=1, description="optimization profile: batch TensorRT tunes for (images)")
+    max_batch: int = Field(32, ge=1, description="optimization profile: largest batch (images); the runtime splits larger ones")
+    workspace_mib: int = Field(4096, ge=1, description="builder workspace memory pool limit (MiB)")
+    timing_cache: Path | None = Field(None, description="timing cache file reused across builds; default: timing.cache in the engine folder")
+    strongly_typed: bool = Field(False, description="strongly typed network: precision follows the ONNX types (fp32 export -> fp32 engine)")
+    accuracy: bool = Field(True, description="measure the engine's top-1 on the eval split and compare it with ONNX Runtime (CPU, fp32)")
+    max_top1_drop: float | None = Field(1.0, ge=0, description="fail when the engine's top-1 is this many points below ONNX Runtime's (None: report only)")
+    if_unavailable: Literal["fail", "skip"] = Field("fail", description="without TensorRT or a GPU: fail the run, or record the reason and go on (the ONNX and trtexec.sh are written either way)")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "Engine":
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        return self
+
+    def build_spec(self, out_dir: Path, sparse: bool):
+        from lotus_deploy.export.trt import BuildSpec
+
+        return BuildSpec(
+            precision=self.precision, sparse=sparse, min_batch=self.min_batch, opt_batch=self.opt_batch,
+            max_batch=self.max_batch, workspace_mib=self.workspace_mib,
+            timing_cache=self.timing_cache or out_dir / "timing.cache", strongly_typed=self.strongly_typed,
+        )
+
+
+class Bench(StageConfig):
+    """Uses the recipe's ``bench`` section (variants, backends, batch sizes, timing).
+
+    Writes ``bench/results.json``, ``results.csv``, ``report.md``, ``pareto.png`` and
+    ``sparsity.png`` in the run directory (see :mod:`lotus_deploy.bench`).
+    """
+
+    kind: Literal["bench"] = "bench"
+    impl: ClassVar[str] = "lotus_deploy.stages.bench"
+
+
+
+for _cls in (Finetune, MagnitudePrune, EssentialSparsity, InstantSoup, LotteryFinetune, SemiStructured, Bake, Evaluate, Export, Engine, Bench):
+    STAGE_CONFIGS.add(_cls.model_fields["kind"].default, _cls)
+del _cls
