@@ -4,7 +4,7 @@ The model of ``../shared/REFERENCE.md``: ``vit_small_patch14_dinov2.lvd142m`` wi
 DINOv2 weights, 112 px (64 patches + CLS), 10-class head. Both arms are the ``lotus bench``
 backends (``torch_cpu``: eager fp32 under ``inference_mode``; ``onnxruntime_cpu``: the exported
 fp32 ONNX, all graph optimizations, intra-op spinning off) and are timed side by side
-(:func:`lotus_deploy.bench.time_arms`: rounds that interleave the arms), so that the load of a
+(:func:`lotus_deploy.bench.timing.time_arms`: rounds that interleave the arms), so that the load of a
 shared machine hits both alike; the ratio ORT / eager is the figure to quote. Goal: ONNX Runtime
 at batch 1 <= 0.6 x eager.
 
@@ -55,9 +55,11 @@ def main() -> None:
     import torch
 
     from lotus_deploy.bench.backends import BACKENDS, BackendContext
-    from lotus_deploy.bench.run import Timed, bench_environment, time_arms
+    from lotus_deploy.bench.facts import bench_environment
+    from lotus_deploy.bench.timing import Timed, time_arms
     from lotus_deploy.export.onnx_export import export_onnx
     from lotus_deploy.files import sha256_file, write_json, write_text
+    from lotus_deploy.metrics import agreement
     from lotus_deploy.models import build_model, input_spec
     from lotus_deploy.recipe.base import ModelConfig
 
@@ -79,7 +81,7 @@ def main() -> None:
         arms = {name: BACKENDS[name].prepare(model, ctx) for name in ("torch_cpu", "onnxruntime_cpu")}
         for bs in batches:
             x = x_all[:bs]
-            ref, got = arms["torch_cpu"].predict(x), arms["onnxruntime_cpu"].predict(x)
+            same = agreement(arms["torch_cpu"].predict(x), arms["onnxruntime_cpu"].predict(x))
             staged = {n: p.stage(x) for n, p in arms.items()}
             warmup = a.warmup if bs < 64 else 1  # one call of batch 64 takes seconds on 2 cores
             t = time_arms({n: Timed(lambda p=p, s=staged[n]: p.forward(s)) for n, p in arms.items()},
@@ -91,8 +93,7 @@ def main() -> None:
                 "ort_median_ms": to["median_ms"], "ort_p90_ms": to["p90_ms"], "ort_iters": to["iters"],
                 "ratio_median": to["median_ms"] / tt["median_ms"], "ratio_min": to["min_ms"] / tt["min_ms"],
                 "torch_images_per_s": bs / tt["median_ms"] * 1e3, "ort_images_per_s": bs / to["median_ms"] * 1e3,
-                "max_abs_logit_diff": (ref - got).abs().max().item(),
-                "top1_agreement": (ref.argmax(1) == got.argmax(1)).float().mean().item(),
+                "max_abs_logit_diff": same["max_abs_diff"], "top1_agreement": same["top1_agreement"],
             }
             rows.append(row)
             print(f"threads {threads} batch {bs:>3}: eager {tt['median_ms']:8.2f} ms  ORT {to['median_ms']:8.2f} ms  "

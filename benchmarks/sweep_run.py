@@ -36,14 +36,15 @@ def main() -> int:
 
     from lotus_deploy.files import sha256_file, write_json, write_text
     from lotus_deploy.masks import apply_masks_
+    from lotus_deploy.prune.magnitude import prune_masks
     from lotus_deploy.recipe.stages import EssentialSparsity, Finetune
-    from lotus_deploy.registry import STAGES
     from lotus_deploy.run import Run, environment
-    from lotus_deploy.stages.finetune import run_training
-    from lotus_deploy.stages.prune import mask_report, prune_masks
+    from lotus_deploy.stages import stage_fn
+    from lotus_deploy.stages.common import mask_report, run_training
+    from lotus_deploy.state import RunState
 
     run = Run(args.run)
-    state = state0 = run.state(args.variant)
+    state = state0 = RunState.from_run(run, args.variant)
     tag = run.recipe.name
     work = Path("runs") / f"sweep-{tag}"
     shutil.rmtree(work, ignore_errors=True)
@@ -52,7 +53,7 @@ def main() -> int:
     state.stage_name = "sweep"
     cfg = EssentialSparsity(sparsities=[float(x) for x in args.sparsities.split(",")], tolerance=args.tolerance)
     t0 = time.perf_counter()
-    res = STAGES["essential_sparsity"].fn(cfg, state)
+    res = stage_fn(cfg)(cfg, state)
     m = res.metrics
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"sweep_{tag}.png"

@@ -138,7 +138,8 @@ def step_times(args, log) -> list[dict]:
     x, y = x.to(device), y.to(device)
     opt = torch.optim.AdamW(param_groups(model, "all", 1e-3, 3e-5, 0.05), lr=1e-3)
     P = num_patches(model)
-    tables = {k: select_tickets(None, x.shape[0], P, k, "random", args.seed).to(device) for k in STEP_KEEPS}
+    kept = {k: num_kept(P, k) for k in STEP_KEEPS}  # keep -> K, resolved once
+    tables = {k: select_tickets(None, x.shape[0], P, kept[k], "random", args.seed).to(device) for k in STEP_KEEPS}
     autocast = precision(device)
 
     def sync():
@@ -167,7 +168,7 @@ def step_times(args, log) -> list[dict]:
     base = statistics.median(times[1.0])
     rows = []
     for k in STEP_KEEPS:
-        K = num_kept(P, k)
+        K = kept[k]
         ms = statistics.median(times[k])
         rows.append({
             "keep": k, "kept_patches": K, "tokens": K + model.num_prefix_tokens, "ms_per_step": ms,
@@ -241,12 +242,12 @@ def position_bias(args, arm: dict) -> dict:
     import math
 
     from lotus_deploy.files import load_tensors
-    from lotus_deploy.prune.tickets import drop_frequency, select_tickets
+    from lotus_deploy.prune.tickets import drop_frequency, num_kept, select_tickets
 
     scores = load_tensors(Path(arm["run_dir"]) / arm["scores_file"])["normalize"]  # (n, P)
     n, P = scores.shape
-    table = select_tickets(scores, n, P, ARMS[arm["arm"]][1], "attention")  # (n, K)
-    K = table.shape[1]
+    K = num_kept(P, ARMS[arm["arm"]][1])
+    table = select_tickets(scores, n, P, K, "attention")  # (n, K)
     freq = drop_frequency(table, P)  # (P,)
     positional = (freq.topk(P - K).values.sum() / freq.sum()).item()
     side = math.isqrt(P)
@@ -285,9 +286,10 @@ def sink_comparison(args, log) -> list[dict]:
     for blocks in ("last", "mean"):
         s = score_dataset(model, ds, resolve_blocks(model, blocks), device, 128, args.workers, desc=f"sink {blocks}")
         for keep in (0.9, 0.7, 0.5):
-            a, b = (select_tickets(s[m], n, P, keep, "attention") for m in ("normalize", "exclude"))
+            K = num_kept(P, keep)
+            a, b = (select_tickets(s[m], n, P, K, "attention") for m in ("normalize", "exclude"))
             ov = ticket_overlap(a, b)
-            rows.append({"blocks": blocks, "keep": keep, "kept_patches": num_kept(P, keep), "images": n,
+            rows.append({"blocks": blocks, "keep": keep, "kept_patches": K, "images": n,
                          "shared": ov["shared"], "images_changed": ov["images_changed"]})
         log(f"sink ({blocks}): " + ", ".join(f"keep {r_['keep']}: {100 * r_['shared']:.1f}% shared" for r_ in rows if r_["blocks"] == blocks))
     return rows

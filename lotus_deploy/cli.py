@@ -14,26 +14,60 @@ SET_HELP = "override a recipe field, typed by the schema: --set stages.1.sparsit
 
 @contextmanager
 def _user_errors():
-    """Turn recipe and run errors into a message on stderr and exit code 2 (no traceback)."""
+    """Turn every error a user can fix into one line per problem on stderr and exit code 2.
+
+    Recipe problems print ``file: field: problem``; run, input and file-system errors print
+    ``error: ...`` naming the file. Ctrl-C exits 130 with a line saying how to go on.
+    """
     from lotus_deploy.errors import LotusError
     from lotus_deploy.recipe import RecipeError
 
     try:
         yield
     except RecipeError as e:
-        click.echo(f"{len(e.problems)} problem(s) in {e.source}:", err=True)
         for p in e.problems:
-            click.echo("  " + p.format(e.source), err=True)
+            click.echo(p.format(e.source), err=True)
         sys.exit(2)
-    except (LotusError, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
+    except LotusError as e:
+        click.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
+    except OSError as e:  # missing, unreadable, read-only, full disk: the OS names the file
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        click.echo(f"error: {where}{e.strerror or _one_line(e)}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished stages are kept; continue with --resume", err=True)
+        sys.exit(130)
+
+
+def _latest() -> Path:
+    """The most recently finished run under runs/, announced on stderr (for commands run without RUN)."""
+    from lotus_deploy.run import latest_run
+
+    run = latest_run("runs")
+    click.echo(f"using the latest finished run: {run}", err=True)
+    return run
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:500] + ("..." if len(text) > 500 else "")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lotus-deploy", prog_name="lotus")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="log debug messages too")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings and errors only")
+def main(verbose: bool, quiet: bool) -> None:
     """lotus: prune, soup, lottery fine-tune, 2:4 and export pretrained ViTs for NVIDIA GPUs."""
+    import logging
+
+    if verbose or quiet:
+        logging.getLogger("lotus").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if quiet:
+        from lotus_deploy.progress import _QUIET
+
+        _QUIET.set(True)  # for this whole process
 
 
 @main.command()
@@ -42,9 +76,11 @@ def main() -> None:
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check RECIPE and report every problem at once (exit code 2 when invalid)."""
     with _user_errors():
+        from lotus_deploy.preflight import check_inputs
         from lotus_deploy.recipe import load_recipe
 
         r = load_recipe(recipe, list(overrides))
+        check_inputs(r, str(recipe))
     click.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.name for s in r.stages)})")
 
 
@@ -60,17 +96,22 @@ def schema() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="run directory (default runs/<name>)")
 @click.option("--resume", is_flag=True, help="continue the run in the directory at its first unfinished stage")
-@click.option("--force", is_flag=True, help="start over in a directory that already holds a run")
+@click.option("--force", is_flag=True, help="start over in a directory that already holds a run (what it wrote is removed)")
+@click.option("--rerun-from", "rerun_from", metavar="STAGE", help="keep the finished stages before STAGE (name or number) and run it and the rest again")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or console log (run.log is still written)")
-def compress(recipe: Path, out: Path | None, resume: bool, force: bool, overrides: tuple[str, ...], quiet: bool) -> None:
+def compress(recipe: Path, out: Path | None, resume: bool, force: bool, rerun_from: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Run every stage of RECIPE into runs/<name>/ (or --out)."""
+    if sum([resume, force, rerun_from is not None]) > 1:
+        raise click.UsageError("use one of --resume, --rerun-from and --force")
     with _user_errors():
         from lotus_deploy.pipeline import compress as run_compress
+        from lotus_deploy.preflight import check_inputs
         from lotus_deploy.recipe import load_recipe
 
         r = load_recipe(recipe, list(overrides))
-        run_dir = run_compress(r, out=out, resume=resume, force=force, quiet=quiet)
+        check_inputs(r, str(recipe))
+        run_dir = run_compress(r, out=out, resume=resume, force=force, quiet=quiet, rerun_from=rerun_from)
     report = run_dir / "bench" / "report.md"
     click.echo(f"run: {run_dir}" + (f"\nreport: {report}" if report.exists() else ""))
 
@@ -80,16 +121,29 @@ def compress(recipe: Path, out: Path | None, resume: bool, force: bool, override
 @click.option("--variant", default="final", show_default=True, help="model state to export (final, dense, a stage name)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output folder (default RUN/export)")
 @click.option("--trt", "build_trt", is_flag=True, help="also build a TensorRT engine (settings of the recipe's engine stage, else defaults); needs tensorrt and an NVIDIA GPU")
-@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path), help="also write a Triton model repository into DIR (model.plan with --trt, else model.onnx)")
-def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_dir: Path | None) -> None:
-    """Export a run's model to ONNX, checked against PyTorch on eval images (and a TensorRT engine, a Triton repository)."""
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path), help="also write a Triton model repository into DIR (the engine with --trt, else the ONNX of --precision)")
+@click.option("--precision", help="fp32, fp16, bf16, int8 or fp8 (default: the recipe's export.precision): also write model.<precision>.onnx, "
+              "converted by ModelOpt (int8/fp8 calibrated on train images) and checked against model.onnx on eval images; "
+              "--trt then builds from it. Needs the `precision` extra")
+def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_dir: Path | None, precision: str | None) -> None:
+    """Export a run's model to ONNX, checked against PyTorch on eval images (and a converted precision, a TensorRT engine, a Triton repository)."""
     with _user_errors():
+        from lotus_deploy.export.graph_precision import check_precision_name
+        from lotus_deploy.export.precision import require_converter
         from lotus_deploy.run import Run
         from lotus_deploy.stages.export import export_state
+        from lotus_deploy.state import RunState
 
-        state = Run(run).state(variant)
+        try:
+            precision = check_precision_name(precision) if precision else None
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        r = Run(run)
+        precision = precision or r.recipe.export.precision
+        require_converter(precision)  # exit 2 naming the extra before any work
+        state = RunState.from_run(r, variant)
         out = out or run / "export"
-        if build_trt:
+        if build_trt and precision == "fp32":
             from lotus_deploy.export.trt import TensorRTUnavailable
             from lotus_deploy.stages.engine import engine_for_state, engine_settings
 
@@ -103,6 +157,25 @@ def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_di
         else:
             metrics, arts = export_state(state, out)
             click.echo(f"onnx: {arts['onnx']}  max|diff| {metrics['max_abs_diff']:.2e}  top-1 agreement {100 * metrics['top1_agreement']:.1f}%")
+        if precision != "fp32":
+            from lotus_deploy.export.precision import precision_for_state
+
+            pm, pa = precision_for_state(state, arts["onnx"], precision)
+            arts["onnx"] = pa[f"onnx_{precision}"]
+            click.echo(f"{precision}: {arts['onnx']}  top-1 {pm['top1']:.2f}% (fp32 {pm['top1_fp32']:.2f}%)  agreement {100 * pm['top1_agreement']:.1f}%  "
+                       f"max|diff| {pm['max_abs_diff']:.2e}  ({pm['runtime']})")
+            if build_trt:
+                from lotus_deploy.export.trt import TensorRTUnavailable, build_for_state
+                from lotus_deploy.stages.engine import engine_settings
+
+                try:
+                    built = build_for_state(state, engine_settings(state.recipe), arts["onnx"], out / f"model.{precision}.plan", precision)
+                except TensorRTUnavailable as e:
+                    click.echo(f"trtexec: {out / f'trtexec.{precision}.sh'}")
+                    click.echo(f"error: {e}", err=True)
+                    sys.exit(2)
+                arts["engine"] = built.path
+                click.echo(f"engine: {built.path}  sidecar: {built.sidecar}  precision built: {built.info['precision']['built']}")
         if triton_dir:
             from lotus_deploy.export.triton import write_repository
 
@@ -137,7 +210,7 @@ def predict(artifact: Path, images: tuple[Path, ...], top_k: int, variant: str, 
 
 
 @main.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("runs", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch", help="comma-separated batch sizes, e.g. 1,8,64 (default: the recipe's)")
 @click.option("--variants", help="comma-separated variants: all, initial, dense, final, stage names (default: the recipe's)")
 @click.option("--backends", help="comma-separated backends, auto or all (default: the recipe's)")
@@ -158,7 +231,9 @@ def bench(runs: tuple[Path, ...], batch: str | None, variants: str | None, backe
     if len(runs) > 2:
         raise click.UsageError("give one run to benchmark, or two runs / results files to compare")
     with _user_errors():
-        from lotus_deploy.bench.run import load_results, run_bench
+        runs = runs or (_latest(),)
+        from lotus_deploy.bench.results import load_results
+        from lotus_deploy.bench.run import run_bench
         from lotus_deploy.run import Run
 
         def bench_run(run: Path, where: Path) -> Path:
@@ -218,11 +293,13 @@ def tickets(run: Path, show: int, stage: str | None, out: Path | None) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
-def inspect(path: Path, as_json: bool) -> None:
-    """Per-layer shape, sparsity, 2:4 compliance and non-zeros of a checkpoint, run directory or .onnx."""
+def inspect(path: Path | None, as_json: bool) -> None:
+    """Per-layer shape, sparsity, 2:4 compliance and non-zeros of a checkpoint, run directory or .onnx
+    (default: the most recently finished run under runs/)."""
     with _user_errors():
+        path = path or _latest()
         from lotus_deploy.inspection import format_report, inspect_path
 
         try:

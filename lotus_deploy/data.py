@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision.datasets import ImageFolder
 
+from lotus_deploy.errors import InputError
 from lotus_deploy.models import InputSpec
 from lotus_deploy.progress import bar
 from lotus_deploy.recipe.base import DataConfig
@@ -83,7 +85,7 @@ def build_transform(spec: InputSpec, train: bool, augment: str = "none"):
 
 def split_dataset(cfg: DataConfig, train: bool, transform) -> Dataset:
     """The full train or eval split (before subsetting) with ``targets`` and ``classes``."""
-    from torchvision.datasets import CIFAR10, ImageFolder
+    from torchvision.datasets import CIFAR10
 
     if cfg.kind == "digits":
         return _Digits(train, transform)
@@ -95,8 +97,44 @@ def split_dataset(cfg: DataConfig, train: bool, transform) -> Dataset:
     names = ["train"] if train else ["test", "val"]
     for n in names:
         if (root / n).is_dir():
-            return ImageFolder(str(root / n), transform=transform)
-    raise FileNotFoundError(f"data.root {root} has no {' or '.join(n + '/' for n in names)} folder")
+            return CheckedImageFolder(str(root / n), transform=transform, bad_images=cfg.bad_images)
+    raise InputError(f"data.root {root} has no {' or '.join(n + '/' for n in names)} folder")
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable images fail with their path, or are replaced.
+
+    ``bad_images: fail`` raises :class:`InputError` naming the file; ``skip`` serves the next
+    readable image of the same class in its place (deterministic) and counts the file in
+    :attr:`bad` (per process: with ``workers`` > 0 each worker counts its own).
+    """
+
+    def __init__(self, root: str, transform=None, bad_images: str = "fail"):
+        super().__init__(root, transform=transform)
+        self.bad_images = bad_images
+        self.bad: set[str] = set()
+
+    def __getitem__(self, index: int):
+        for j in self._same_class(index):
+            path, target = self.samples[j]
+            try:
+                img = self.loader(path)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors
+                if self.bad_images == "fail":
+                    raise InputError(f"{path}: unreadable image ({type(e).__name__}: {e}); fix or remove it, or set data.bad_images: skip") from None
+                self.bad.add(path)
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        raise InputError(f"{self.samples[index][0]}: unreadable image and no readable image of its class to use instead")
+
+    def _same_class(self, index: int):
+        """``index``, then the other indices of its class in file order (wrapping around)."""
+        yield index
+        n, target = len(self.samples), self.targets[index]
+        for k in range(1, n):
+            j = (index + k) % n
+            if self.targets[j] == target:
+                yield j
 
 
 def balanced_subset(targets: list[int], n: int, seed: int) -> list[int]:
@@ -158,6 +196,14 @@ class DataBundle:
         ds = self.eval_dataset()
         return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=0 if ds is self._eval_cache else self.cfg.workers)
 
+    def bad_images(self) -> list[str]:
+        """Unreadable images replaced so far in this process (``bad_images: skip``)."""
+        out: set[str] = set()
+        for ds in (self.train, self.eval):
+            base = ds.dataset if isinstance(ds, Subset) else ds
+            out |= getattr(base, "bad", set())
+        return sorted(out)
+
     def eval_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n`` eval images and labels as one batch (for parity checks)."""
         ds = self.eval_dataset()
@@ -184,4 +230,8 @@ def build_data(cfg: DataConfig, spec: InputSpec) -> DataBundle:
         subsets["eval"] = balanced_subset(list(eval_full.targets), cfg.eval_subset, cfg.subset_seed + 1)
         ev = Subset(eval_full, subsets["eval"])
     classes = list(getattr(train_full, "classes", [])) or CIFAR10_CLASSES
+    eval_classes = list(getattr(eval_full, "classes", [])) or CIFAR10_CLASSES
+    if classes != eval_classes:
+        raise InputError(f"data.root {cfg.root}: train and eval class folders differ ({len(classes)} vs {len(eval_classes)}; "
+                         f"e.g. {', '.join(sorted(set(classes) ^ set(eval_classes))[:3])}): labels would not match")
     return DataBundle(cfg=cfg, spec=spec, train=train, eval=ev, classes=classes, subsets=subsets)

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,11 +17,26 @@ CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
 """Weight files lotus reads (``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``)."""
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``.
 
-    A process killed mid-write leaves the old file (or none), never a torn one.
+    A process killed mid-write leaves the old file (or none), never a torn one. The file gets the
+    mode a plain ``open()`` would give it (0666 minus the umask), not ``mkstemp``'s 0600, so a
+    server running as another user (Triton) can read what lotus wrote.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,10 +46,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` resolved, after checking it lies inside ``root`` (links resolved too).
+
+    Raises:
+        RunError: the path would leave ``root`` (``..``, an absolute path or a link).
+    """
+    from lotus_deploy.errors import RunError
+
+    r, p = Path(root).resolve(), (Path(root) / path).resolve()
+    if p != r and r not in p.parents:
+        raise RunError(f"refusing to write {path}: it resolves to {p}, outside the run folder {r}")
+    return p
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -43,7 +85,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON (NaN/inf written as null), atomically."""
+    return write_text(path, json.dumps(finite(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -78,7 +121,17 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequ
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parse a JSON file.
+
+    Raises:
+        InputError: the file is not valid UTF-8 JSON (truncated, binary); the message names it.
+    """
+    from lotus_deploy.errors import InputError
+
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -10,7 +10,7 @@ Sparsity is always the fraction of *zeroed* weights among the weights in scope (
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -76,6 +76,49 @@ def magnitude_scores(
 
     groups = [[n] for n in weights] if granularity == "per_layer" else [list(weights)]
     return [(names, torch.cat([scores(n) for n in names]) if names else torch.empty(0)) for names in groups]
+
+
+def spread(total: int, sizes: Sequence[int], floors: Sequence[int] | None = None) -> list[int]:
+    """Integer counts ``c_i`` with ``floors_i <= c_i <= sizes_i`` summing to ``total``, as even a fraction as possible.
+
+    Used to share a zero count among layers (global), output rows or column blocks: every part
+    gets the same fraction ``c_i / sizes_i`` up to one count of rounding, except parts whose
+    floor (zeros already in force) is above it.
+
+    Args:
+        total: zeros to share (raised to ``sum(floors)``; at most ``sum(sizes)``).
+        sizes: capacity of each part.
+        floors: minimum of each part (default 0).
+
+    Returns:
+        The counts, summing to ``max(total, sum(floors))``; ties in rounding go to lower indices.
+    """
+    n = len(sizes)
+    if not n:
+        return []
+    floors = list(floors) if floors is not None else [0] * n
+    total = max(int(total), sum(floors))
+    if total > sum(sizes):
+        raise ValueError(f"cannot place {total} zeros in {sum(sizes)} weights")
+    if not any(floors):  # exact integer shares: total * size // sum(sizes), remainders largest first
+        whole = sum(sizes) or 1
+        counts = [total * s // whole for s in sizes]
+        behind = [total * s % whole / whole for s in sizes]
+    else:  # the fraction t with sum(max(floor, t * size)) == total, by bisection
+        lo, hi = 0.0, 1.0
+        for _ in range(64):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if sum(max(f, mid * s) for f, s in zip(floors, sizes)) <= total else (lo, mid)
+        counts = [max(f, min(s, int(lo * s))) for f, s in zip(floors, sizes)]
+        behind = [lo * s - c for s, c in zip(sizes, counts)]
+    short = total - sum(counts)
+    order = sorted(range(n), key=lambda i: (-behind[i], i))  # furthest behind its share first
+    while short > 0:
+        for i in order:
+            if short and counts[i] < sizes[i]:
+                counts[i] += 1
+                short -= 1
+    return counts
 
 
 def split_flat(keep: torch.Tensor, names: list[str], weights: Mapping[str, torch.Tensor]) -> Masks:
@@ -180,5 +223,5 @@ def expected_zeros(sparsity: float, numel: int) -> int:
 
 __all__ = [
     "Masks", "magnitude_masks", "apply_masks_", "union", "intersection", "vote", "mask_sparsity",
-    "hamming", "masks_hash", "weight_stats", "expected_zeros",
+    "hamming", "masks_hash", "weight_stats", "expected_zeros", "spread",
 ]

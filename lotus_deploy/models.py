@@ -64,29 +64,126 @@ def register_tiny_models() -> None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from .safetensors or from .pth/.pt/.bin with ``weights_only=True``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Load a state dict from .safetensors or from .pth/.pt/.bin with ``weights_only=True``.
 
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    Raises:
+        InputError: the file is unreadable, truncated, not a checkpoint, or holds objects a
+            ``weights_only`` load refuses (a malicious pickle); the message names the file.
+    """
+    from lotus_deploy.errors import InputError
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 — safetensors, pickle and zip errors have no common base
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable {path.suffix} checkpoint ({type(e).__name__}: {msg[:200]})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputError(f"{path}: not a state dict (expected a mapping of tensor names to tensors)")
     return sd
 
 
-def build_model(cfg: ModelConfig, with_weights: bool = True) -> nn.Module:
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a weights file (.safetensors: read from the header only)."""
+    from lotus_deploy.errors import InputError
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable .safetensors file ({msg[:200]})") from None
+
+
+def _mismatch_summary(err: Exception) -> str:
+    """One line out of torch's many-line load_state_dict error: counts and the first problem."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    sizes = [ln for ln in lines if "size mismatch" in ln]
+    keys = [ln for ln in lines if "Missing key(s)" in ln or "Unexpected key(s)" in ln]
+    first = (sizes or keys or lines or [type(err).__name__])[0][:200]
+    counts = ([f"{len(sizes)} size mismatch(es)"] if sizes else []) + (["missing/unexpected keys"] if keys else [])
+    return f"{', '.join(counts)}; first: {first}" if counts else first
+
+
+def _load_weights(cfg: ModelConfig, kwargs: dict, log) -> nn.Module:
+    """timm's pretrained path over a local file, then the head when its shape fits; logs what loaded.
+
+    timm drops the classifier whenever ``num_classes`` differs from the pretrained config's,
+    which would silently train a fine-tuned checkpoint's head from scratch: a head of the right
+    shape in the file is loaded here. Positional embeddings of another size are resampled by timm.
+
+    Raises:
+        InputError: the file is unreadable or its weights do not fit the architecture.
+    """
+    import timm
+
+    from lotus_deploy.errors import InputError
+
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise InputError(f"model.weights: no such file: {path}")
+    shapes = checkpoint_shapes(path)
+    # .pth goes through our weights_only loader; timm then filters/resamples it like any
+    # pretrained checkpoint (state_dict overlay), .safetensors through timm's file loader.
+    overlay = {"file": str(path)} if path.suffix == ".safetensors" else {"state_dict": read_state_dict(path)}
+    try:
+        model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, KeyError, ValueError, AssertionError) as e:
+        raise InputError(f"model.weights {path} does not fit {cfg.name}: {_mismatch_summary(e)}") from None
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    clf = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    head_keys = [k for k in own if k == clf or k.startswith(clf + ".")]
+    head_fits = bool(head_keys) and all(shapes.get(k) == own[k] for k in head_keys)
+    if head_fits:
+        sd = read_state_dict(path) if path.suffix != ".safetensors" else None
+        if sd is None:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in head_keys}
+        with torch.no_grad():
+            for k in head_keys:
+                model.state_dict()[k].copy_(sd[k])
+    loaded = [k for k in own if k in shapes and (shapes[k] == own[k]) and (k not in head_keys or head_fits)]
+    resampled = [k for k in own if k in shapes and shapes[k] != own[k] and k not in head_keys]
+    dropped = [k for k in shapes if k not in own or (k in head_keys and not head_fits)]
+    missing = [k for k in own if k not in shapes and k not in head_keys]
+    if log is not None:
+        head = "loaded (shape fits)" if head_fits else ("new, random init (" + ("shape differs" if any(k in shapes for k in head_keys) else "not in the file") + ")")
+        log(f"model.weights {path.name}: {len(loaded)} tensors loaded, {len(resampled)} resampled"
+            f"{' (' + ', '.join(resampled[:3]) + ')' if resampled else ''}, {len(dropped)} dropped"
+            f"{' (' + ', '.join(dropped[:3]) + ')' if dropped else ''}, {len(missing)} missing; head {head}")
+    if len(missing) > 0 and len(loaded) < len(own) // 2:
+        raise InputError(f"model.weights {path} does not fit {cfg.name}: {len(missing)} of its {len(own)} tensors are missing from the file (e.g. {', '.join(missing[:3])})")
+    return model
+
+
+def build_model(cfg: ModelConfig, with_weights: bool = True, log=None) -> nn.Module:
     """Create the model described by ``cfg``.
 
     Args:
         cfg: the recipe's model section.
         with_weights: load ``cfg.weights`` / download pretrained weights; False builds the bare
             architecture (used when a run checkpoint is loaded right after).
+        log: ``fn(str)`` told which weight tensors were loaded, resampled, dropped or missing.
 
     Raises:
-        FileNotFoundError: ``cfg.weights`` does not exist.
+        InputError: ``cfg.weights`` is missing, unreadable or does not fit the architecture.
     """
     import timm
 
@@ -98,13 +195,7 @@ def build_model(cfg: ModelConfig, with_weights: bool = True) -> nn.Module:
     if not with_weights:
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.weights is not None:
-        path = Path(cfg.weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model.weights: no such file: {path}")
-        # .pth goes through our weights_only loader; timm then filters/resamples it like any
-        # pretrained checkpoint (state_dict overlay), .safetensors through timm's file loader.
-        overlay = {"file": str(path)} if path.suffix == ".safetensors" else {"state_dict": read_state_dict(path)}
-        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _load_weights(cfg, kwargs, log)
     return timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
 
 

@@ -1,59 +1,174 @@
-"""The runner: a recipe's stages, one after another, into a run directory that can be resumed."""
+"""The runner: a recipe's stages, one after another, into a run directory that can be resumed.
+
+Every input is checked before the first byte is written (:func:`lotus_deploy.preflight.check_inputs`);
+the run folder is locked against a second writer; every path the runner builds resolves inside
+the run folder; a stage that fails (an exception, a non-finite loss, a collapse to chance) is
+recorded as ``failed`` even on a full disk, and the run stops with the reason.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lotus_deploy.errors import RunError
-from lotus_deploy.files import read_json, write_json, write_text
+from lotus_deploy.files import inside, read_json, write_json, write_text
 from lotus_deploy.run import (
     MANIFEST_VERSION,
-    _artifact,
-    _now,
+    artifact_record,
     checkpoint_entry,
     environment,
     load_checkpoint,
+    now_iso,
     resolve_device,
     save_checkpoint,
     setup_logging,
     verify,
 )
 
+LOCK_FILE = ".lock"
+RESERVE_FILE = ".reserve"
+RESERVE_BYTES = 1 << 20  # freed on failure so the manifest can still say "failed" on a full disk
 
-def compress(recipe, out: str | Path | None = None, resume: bool = False, force: bool = False, quiet: bool = False) -> Path:
+RUN_ENTRIES = ("recipe.yaml", "manifest.json", "env.json", "run.log", "subsets.json", "initial", "stages", "export",
+               "bench", "engine", "tickets", LOCK_FILE, RESERVE_FILE)
+"""What a run folder may hold: ``--force`` removes exactly these, ``--out`` refuses a folder with anything else."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``run_dir/.lock`` (holder's pid inside) for the block.
+
+    Raises:
+        RunError: another process holds it (the message names its pid).
+    """
+    import fcntl
+
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunError(f"{run_dir} is in use by another lotus process (pid {holder}); wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _check_out_dir(run_dir: Path, has_run: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and not has_run:
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise RunError(f"--out {run_dir} is not a lotus run folder and not empty (holds {', '.join(foreign[:3])}); choose an empty or new folder")
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunError(f"--out {run_dir} is not writable")
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove what an earlier run wrote (``--force``); the lock file stays."""
+    for name in RUN_ENTRIES:
+        p = run_dir / name
+        if name == LOCK_FILE or not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _reserve(run_dir: Path) -> Path:
+    path = run_dir / RESERVE_FILE
+    try:
+        with open(path, "wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * RESERVE_BYTES)
+    except OSError as e:
+        raise RunError(f"cannot write in {run_dir}: {e.strerror or e}") from None
+    return path
+
+
+def _rerun_index(recipe, rerun_from: str | int | None) -> int | None:
+    """0-based index of the ``--rerun-from`` stage (a name or a 1-based number)."""
+    if rerun_from is None:
+        return None
+    names = [s.name for s in recipe.stages]
+    if isinstance(rerun_from, int) or str(rerun_from).isdigit():
+        i = int(rerun_from) - 1
+        if not 0 <= i < len(names):
+            raise RunError(f"--rerun-from {rerun_from}: the recipe has stages 1..{len(names)}")
+        return i
+    if rerun_from not in names:
+        raise RunError(f"--rerun-from {rerun_from}: no such stage; stages: {', '.join(names)}")
+    return names.index(rerun_from)
+
+
+def compress(
+    recipe, out: str | Path | None = None, resume: bool = False, force: bool = False, quiet: bool = False,
+    rerun_from: str | int | None = None,
+) -> Path:
     """Run every stage of ``recipe`` into a run directory; returns the directory.
 
     Args:
         out: run directory (default ``runs/<recipe.name>``).
         resume: continue an existing run at its first unfinished stage; finished stages are
             verified by sha256 and must have the same fingerprint (recipe unchanged up to them).
-        force: start over in an existing run directory.
+        force: start over in an existing run directory (what the old run wrote is removed).
+        rerun_from: keep the finished stages before this one (name or 1-based number; they must
+            be unchanged and verify) and run it and every later stage again, changed or not.
 
     Raises:
-        RunError: the directory holds a run and neither resume nor force was given, or the
-            recipe changed in a way that invalidates finished stages.
+        RunError: the directory holds a run and neither resume, rerun_from nor force was given,
+            the recipe changed in a way that invalidates kept stages, an input is unusable,
+            another process holds the run, or a stage failed (collapse, non-finite loss).
     """
+    from lotus_deploy.preflight import check_inputs
+    from lotus_deploy.progress import quiet as quiet_bars
+
+    run_dir = Path(out) if out is not None else Path("runs") / recipe.name
+    manifest_path = run_dir / "manifest.json"
+    old = read_json(manifest_path) if manifest_path.is_file() else None
+    keep_upto = _rerun_index(recipe, rerun_from)
+    if old is None and (resume or keep_upto is not None):
+        raise RunError(f"nothing to resume in {run_dir}: no manifest.json there; drop --resume/--rerun-from to start a new run")
+    if old is not None and not (resume or force or keep_upto is not None):
+        raise RunError(f"{run_dir} already holds a run: add --resume to continue it, --rerun-from STAGE to redo part of it or --force to start over")
+    if old is not None and not force:
+        _check_resumable(recipe, old, run_dir, upto=keep_upto)
+    _check_out_dir(run_dir, old is not None)
+    check_inputs(recipe)  # weights, data root, classes, sizes: before the first byte is written
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir), quiet_bars(quiet):
+        if force and old is not None:
+            _clear_run(run_dir)
+            old = None
+        reserve = _reserve(run_dir)
+        try:
+            return _run(recipe, run_dir, old, keep_upto, quiet, reserve)
+        finally:
+            reserve.unlink(missing_ok=True)
+
+
+def _run(recipe, run_dir: Path, old: dict | None, keep_upto: int | None, quiet: bool, reserve: Path) -> Path:
     import torch
 
     from lotus_deploy.models import build_model
-    from lotus_deploy.progress import set_quiet
     from lotus_deploy.recipe import dump_recipe, stage_fingerprint
     from lotus_deploy.stages import stage_fn
     from lotus_deploy.state import RunState
 
-    set_quiet(quiet)
-    run_dir = Path(out) if out is not None else Path("runs") / recipe.name
     manifest_path = run_dir / "manifest.json"
-    old = read_json(manifest_path) if manifest_path.is_file() else None
-    if old is not None and not resume and not force:
-        raise RunError(f"{run_dir} already holds a run: add --resume to continue it or --force to start over")
-    if old is not None and resume:
-        _check_resumable(recipe, old, run_dir)
-    elif old is not None:  # --force: start over, clearing recorded stages
-        old = None
-    run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir, quiet)
     write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     write_json(run_dir / "env.json", environment())
@@ -64,7 +179,7 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
     manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "name": recipe.name,
-        "created": old["created"] if old else _now(),
+        "created": old["created"] if old else now_iso(),
         "initial": old["initial"] if old else None,
         "stages": [
             {"index": i, "name": s.name, "kind": s.kind, "fingerprint": fingerprints[i], "status": "pending"}
@@ -74,22 +189,25 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
     reuse = 0
     if old:
         for i, e in enumerate(old["stages"][: len(recipe.stages)]):
-            if e["status"] != "done" or e["fingerprint"] != fingerprints[i]:
+            if e["status"] != "done" or e["fingerprint"] != fingerprints[i] or (keep_upto is not None and i >= keep_upto):
                 break
             manifest["stages"][i] = e
             reuse = i + 1
+        if keep_upto is not None:
+            kept = ", ".join(f"{e['name']} ({e['fingerprint'][:12]})" for e in manifest["stages"][:reuse]) or "none"
+            log.info(f"--rerun-from {recipe.stages[keep_upto].name}: kept finished stages {kept}; rerunning the rest")
+            manifest["rerun_from"] = {"stage": recipe.stages[keep_upto].name, "kept": [e["fingerprint"] for e in manifest["stages"][:reuse]], "at": now_iso()}
 
     state = RunState(recipe=recipe, run_dir=run_dir, device=device, model=None, masks={}, log=log, manifest=manifest)  # type: ignore[arg-type]
     if manifest["initial"] is None:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # seeded init: models trained from scratch reproduce
             torch.manual_seed(recipe.seed)
-            state.model = build_model(recipe.model).to(device)
+            state.model = build_model(recipe.model, log=log.info).to(device)
         manifest["initial"] = {
-            "name": "initial", "status": "done", "wall_s": time.perf_counter() - t0, "fingerprint": _initial_fingerprint(recipe),
+            "name": "initial", "status": "done", "wall_s": time.perf_counter() - t0, "fingerprint": initial_fingerprint(recipe),
             "artifacts": save_checkpoint(state, run_dir / "initial"),
         }
-        write_json(manifest_path, manifest)
     else:
         state.model = build_model(recipe.model, with_weights=False)
         state.masks = load_checkpoint(run_dir, checkpoint_entry(manifest, reuse - 1 if reuse else -1), state.model, device)
@@ -101,55 +219,98 @@ def compress(recipe, out: str | Path | None = None, resume: bool = False, force:
             continue
         entry = manifest["stages"][i]
         state.stage_index, state.stage_name = i + 1, cfg.name
-        state.stage_dir = run_dir / "stages" / f"{i + 1:02d}_{cfg.name}"
-        state.stage_dir.mkdir(parents=True, exist_ok=True)
-        entry.update(status="running", started=_now())
+        state.stage_dir = inside(run_dir, Path("stages") / f"{i + 1:02d}_{cfg.name}")
+        if keep_upto is not None and state.stage_dir.exists():  # --rerun-from: a rerun stage starts empty
+            shutil.rmtree(state.stage_dir)
+        state.stage_dir.mkdir(parents=True, exist_ok=True)  # a resumed stage may continue (soup rounds)
+        entering = _entering_top1(manifest, i)
+        entry.clear()
+        entry.update(index=i, name=cfg.name, kind=cfg.kind, fingerprint=fingerprints[i], status="running", started=now_iso())
         write_json(manifest_path, manifest)
         log.info(f"[{i + 1}/{len(recipe.stages)}] {cfg.kind} '{cfg.name}'")
         t0 = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
                 result = stage_fn(cfg)(cfg, state)
+            _guard(recipe, cfg, result.metrics, entering)
+            artifacts = {k: artifact_record(run_dir, inside(run_dir, p)) for k, p in result.artifacts.items()}
+            if result.model_changed:
+                artifacts.update(save_checkpoint(state, state.stage_dir))
         except BaseException as e:
-            entry.update(status="failed", ended=_now(), wall_s=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+            reserve.unlink(missing_ok=True)  # room for the manifest on a full disk
+            entry.update(status="failed", ended=now_iso(), wall_s=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
             write_json(manifest_path, manifest)
+            log.error(f"[{i + 1}/{len(recipe.stages)}] {cfg.name} failed: {e}")
             raise
-        artifacts = {k: _artifact(run_dir, p) for k, p in result.artifacts.items()}
-        if result.model_changed:
-            artifacts.update(save_checkpoint(state, state.stage_dir))
-        entry.update(
-            status="done", ended=_now(), wall_s=time.perf_counter() - t0, metrics=result.metrics, artifacts=artifacts
-        )
+        entry.update(status="done", ended=now_iso(), wall_s=time.perf_counter() - t0, metrics=result.metrics, artifacts=artifacts)
+        if state.data_built and (bad := state.data.bad_images()):
+            entry["bad_images"] = {"count": len(bad), "first": bad[:5]}
+            log.warning(f"{cfg.name}: {len(bad)} unreadable image(s) replaced by readable ones of their class (data.bad_images: skip), e.g. {bad[0]}")
+        if state.data_built:
+            write_json(run_dir / "subsets.json", {**state.data.subsets, "seed": recipe.data.subset_seed})
         write_json(manifest_path, manifest)
         log.info(f"[{i + 1}/{len(recipe.stages)}] {cfg.name} done in {entry['wall_s']:.1f} s")
     log.info(f"run complete: {run_dir}")
     return run_dir
 
 
-def _initial_fingerprint(recipe) -> str:
+def _entering_top1(manifest: dict, i: int) -> float | None:
+    """Top-1 (%) of the model entering stage ``i``: the latest earlier stage that measured one."""
+    for e in reversed(manifest["stages"][:i]):
+        top1 = (e.get("metrics") or {}).get("top1")
+        if e.get("status") == "done" and isinstance(top1, (int, float)):
+            return float(top1)
+    return None
+
+
+def _guard(recipe, cfg, metrics: dict, entering: float | None) -> None:
+    """Fail a stage whose top-1 is not a finite number, or that collapsed to chance.
+
+    A collapse: the stage ends within ``guard.collapse_margin`` points of chance (100 /
+    classes) after entering at least ``guard.min_entering`` points above chance.
+    """
+    top1 = metrics.get("top1")
+    if top1 is None:
+        return
+    if not (isinstance(top1, (int, float)) and math.isfinite(top1)):
+        raise RunError(f"stage {cfg.name}: top-1 is {top1!r} (not a finite number): the model's outputs are not finite; lower the learning rate")
+    g = recipe.guard
+    chance = 100.0 / recipe.model.num_classes
+    if g.enabled and entering is not None and entering >= chance + g.min_entering and top1 <= chance + g.collapse_margin:
+        raise RunError(
+            f"stage {cfg.name} collapsed: top-1 {top1:.2f}% (chance {chance:.1f}%) after entering at {entering:.2f}%; "
+            "the learning rate is likely too high for a pretrained model (set train.lr / backbone_lr lower) "
+            "or set guard.enabled: false to keep going"
+        )
+
+
+def initial_fingerprint(recipe) -> str:
+    """Hash of the model section (the initial checkpoint depends on nothing else)."""
     from lotus_deploy.files import sha256_json
 
     return sha256_json(recipe.model.model_dump(mode="json", exclude_defaults=True))
 
 
-def _check_resumable(recipe, old: dict, run_dir: Path) -> None:
+def _check_resumable(recipe, old: dict, run_dir: Path, upto: int | None = None) -> None:
+    """Raise unless the finished stages (before ``upto`` when given) can be reused as they are."""
     from lotus_deploy.recipe import stage_fingerprint
 
     fp = (old.get("initial") or {}).get("fingerprint")
-    if fp is not None and fp != _initial_fingerprint(recipe):
+    if fp is not None and fp != initial_fingerprint(recipe):
         raise RunError(f"cannot resume {run_dir}: the model section changed since the run started; use --force to start over")
     for i, e in enumerate(old["stages"]):
-        if e["status"] != "done":
+        if e["status"] != "done" or (upto is not None and i >= upto):
             break
         if i >= len(recipe.stages) or e["fingerprint"] != stage_fingerprint(recipe, i):
             what = "was removed" if i >= len(recipe.stages) else "changed"
             raise RunError(
                 f"cannot resume {run_dir}: finished stage {i + 1} ({e['name']}) {what} in the recipe "
-                "(model, data, seed or a stage up to it differ); use --force to start over or --out for a new run"
+                f"(model, data, seed or a stage up to it differ); use --rerun-from {e['name']} to redo it and what follows, "
+                "--force to start over or --out for a new run"
             )
         why = verify(run_dir, e)
         if why:
-            raise RunError(f"cannot resume {run_dir}: stage {i + 1} ({e['name']}): {why}; use --force to start over")
+            raise RunError(f"cannot resume {run_dir}: stage {i + 1} ({e['name']}): {why}; use --rerun-from {e['name']} or --force")
     if old.get("initial"):
         why = verify(run_dir, old["initial"])
         if why:

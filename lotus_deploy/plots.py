@@ -45,7 +45,7 @@ def plot_sweep(
     Args:
         curves: curve name -> (sparsity, top1) points.
         dense_top1: accuracy of the dense model (%), drawn as a horizontal line.
-        knees: curve name -> ``{"tolerance_knee": s, "curvature_knee": s}`` (None: not found).
+        knees: curve name -> ``{"knee": s, "knee_curvature": s}`` (None: not found).
         tolerance: accuracy points; draws the ``dense - tolerance`` line when given.
     """
     fig = new_figure()
@@ -59,11 +59,11 @@ def plot_sweep(
         ax.plot(xs, ys, "o-", color=color, ms=3.5, label=name)
         k = (knees or {}).get(name, {})
         lookup = dict(pts)
-        if k.get("tolerance_knee") is not None and k["tolerance_knee"] in lookup:
-            x = k["tolerance_knee"]
+        if k.get("knee") is not None and k["knee"] in lookup:
+            x = k["knee"]
             ax.plot([x], [lookup[x]], marker="*", ms=14, color=color, mec="k", ls="none", label=f"{name} knee {x:g}")
-        if k.get("curvature_knee") is not None and k["curvature_knee"] in lookup:
-            x = k["curvature_knee"]
+        if k.get("knee_curvature") is not None and k["knee_curvature"] in lookup:
+            x = k["knee_curvature"]
             ax.plot([x], [lookup[x]], marker="D", ms=7, mfc="none", mec=color, mew=1.5, ls="none",
                     label=f"{name} curvature knee {x:g}")
     ax.set_xlabel("sparsity (fraction of weights in scope set to zero)")

@@ -1,20 +1,32 @@
-"""Progress bars: shown on a terminal, silent otherwise or with ``--quiet``."""
+"""Progress bars: shown on a terminal, silent otherwise or inside :func:`quiet`."""
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
-QUIET = False
+_QUIET: ContextVar[bool] = ContextVar("lotus_quiet", default=False)
 
 
-def set_quiet(quiet: bool) -> None:
-    global QUIET
-    QUIET = quiet
+@contextmanager
+def quiet(flag: bool = True) -> Iterator[None]:
+    """Silence (or not) every progress bar inside the block; the previous setting comes back after."""
+    token = _QUIET.set(flag)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def is_quiet() -> bool:
+    return _QUIET.get()
 
 
 def bar(iterable=None, **kwargs):
     """A tqdm bar that is disabled when quiet or when stderr is not a terminal."""
     from tqdm.auto import tqdm
 
-    disable = QUIET or not sys.stderr.isatty()
+    disable = _QUIET.get() or not sys.stderr.isatty()
     return tqdm(iterable, disable=disable, leave=False, dynamic_ncols=True, **kwargs)

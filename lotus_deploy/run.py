@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lotus_deploy.errors import RunError
+from lotus_deploy.errors import LotusError, RunError
 from lotus_deploy.files import read_json, sha256_file
 
 MANIFEST_VERSION = 1
@@ -32,7 +32,7 @@ MANIFEST_VERSION = 1
 
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -87,8 +87,15 @@ def _cpu_model() -> str:
 
 
 def setup_logging(run_dir: Path, quiet: bool) -> logging.Logger:
+    """The ``lotus`` logger: ``run.log`` in the run folder, and stderr unless ``quiet``.
+
+    ``lotus -v`` (logger already at DEBUG) keeps debug messages; ``lotus -q`` (progress quiet)
+    shows warnings and errors only on stderr; run.log always has everything logged.
+    """
+    from lotus_deploy.progress import is_quiet
+
     log = logging.getLogger("lotus")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if log.level == logging.DEBUG else logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
@@ -98,31 +105,41 @@ def setup_logging(run_dir: Path, quiet: bool) -> logging.Logger:
     if not quiet:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.setLevel(logging.WARNING if is_quiet() else logging.NOTSET)
         log.addHandler(sh)
     log.propagate = False
     return log
 
 
-def _artifact(run_dir: Path, path: Path) -> dict[str, Any]:
+def artifact_record(run_dir: Path, path: Path) -> dict[str, Any]:
+    """Manifest record of a file in the run: path relative to the run folder, sha256, bytes."""
     path = Path(path)
-    return {"path": str(path.relative_to(run_dir)), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    rel = path.resolve().relative_to(Path(run_dir).resolve())
+    return {"path": str(rel), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def save_checkpoint(state, directory: Path) -> dict[str, dict]:
     """model.safetensors (+ masks.safetensors when masks exist) in ``directory``; artifact records."""
     from lotus_deploy.files import save_tensors
 
-    arts = {"model": _artifact(state.run_dir, save_tensors(directory / "model.safetensors", state.model.state_dict()))}
+    arts = {"model": artifact_record(state.run_dir, save_tensors(directory / "model.safetensors", state.model.state_dict()))}
     if state.masks:
-        arts["masks"] = _artifact(state.run_dir, save_tensors(directory / "masks.safetensors", state.masks))
+        arts["masks"] = artifact_record(state.run_dir, save_tensors(directory / "masks.safetensors", state.masks))
     return arts
 
 
 def load_checkpoint(run_dir: Path, entry: dict, model, device):
-    """Load the model weights (and masks) an entry's artifacts point at; returns the masks."""
+    """Load the model weights (and masks) an entry's artifacts point at; returns the masks.
+
+    Raises:
+        RunError: a checkpoint is missing or its bytes no longer match the recorded sha256.
+    """
     from lotus_deploy.files import load_tensors
 
     arts = entry["artifacts"]
+    why = verify(run_dir, {"artifacts": {k: a for k, a in arts.items() if k in ("model", "masks")}})
+    if why:
+        raise RunError(f"{run_dir}: {entry.get('name', 'initial')}: {why}; rerun that stage (--rerun-from) or start over")
     model.load_state_dict(load_tensors(run_dir / arts["model"]["path"]))
     model.to(device)
     if "masks" in arts:
@@ -153,20 +170,56 @@ def checkpoint_entry(manifest: dict, upto: int | None = None) -> dict:
 
 
 def variant_entries(recipe, manifest: dict) -> dict[str, dict]:
-    """Variant name -> manifest entry with its checkpoint.
+    """Variant name -> manifest entry with its checkpoint, for the variants that exist.
 
     ``initial``: the model as built; ``dense``: the model just before the first stage that
-    makes masks (or the final model when none does); ``final``: after the last stage; and every
-    finished stage by name.
+    makes masks (or the final model when none does), once every model-changing stage before it
+    finished; ``final``: after the last stage, only when every model-changing stage finished;
+    and every finished stage by name. A run that stopped early has no ``final``: exporting it
+    would export another model. (Stages that only read the model, such as ``bench`` running
+    inside the run, do not count.)
     """
-    done = [e for e in manifest["stages"] if e["status"] == "done"]
+    stages = manifest["stages"]
+    done = [e for e in stages if e["status"] == "done"]
     out = {"initial": manifest["initial"]}
+
+    def finished(entries) -> bool:
+        return all(e["status"] == "done" or not recipe.stages[e["index"]].changes_model for e in entries
+                   if e["index"] < len(recipe.stages))
+
     first_pruner = next((i for i, s in enumerate(recipe.stages) if s.makes_masks), None)
-    out["dense"] = checkpoint_entry(manifest, None if first_pruner is None else first_pruner - 1) if first_pruner != 0 else manifest["initial"]
-    out["final"] = checkpoint_entry(manifest)
+    if finished(stages if first_pruner is None else stages[:first_pruner]):
+        out["dense"] = checkpoint_entry(manifest, None if first_pruner is None else first_pruner - 1) if first_pruner != 0 else manifest["initial"]
+    if finished(stages):
+        out["final"] = checkpoint_entry(manifest)
     for e in done:
         out[e["name"]] = checkpoint_entry(manifest, e["index"])
     return out
+
+
+def unfinished(manifest: dict) -> list[str]:
+    """``name (status)`` of the stages that did not finish."""
+    return [f"{e['name']} ({e['status']})" for e in manifest["stages"] if e["status"] != "done"]
+
+
+def latest_run(runs_dir: str | Path = "runs") -> Path:
+    """The most recently finished run under ``runs_dir`` (newest manifest of a run with every stage done).
+
+    Raises:
+        RunError: no finished run there.
+    """
+    root = Path(runs_dir)
+    found = []
+    for m in root.glob("*/manifest.json") if root.is_dir() else []:
+        try:
+            man = read_json(m)
+        except LotusError:
+            continue
+        if isinstance(man, dict) and man.get("stages") is not None and not unfinished(man):
+            found.append((m.stat().st_mtime, m.parent))
+    if not found:
+        raise RunError(f"no finished run under {root}/: give the run folder (lotus compress writes runs/<name>)")
+    return max(found)[1]
 
 
 class Run:
@@ -192,25 +245,9 @@ class Run:
 
         entries = self.variants()
         if variant not in entries:
-            raise RunError(f"no variant {variant!r} in {self.dir}; have: {', '.join(entries)}")
+            todo = unfinished(self.manifest)
+            why = f" (the run did not finish: {', '.join(todo)})" if todo and variant in ("final", "dense") else ""
+            raise RunError(f"no variant {variant!r} in {self.dir}{why}; have: {', '.join(entries)}")
         model = build_model(self.recipe.model, with_weights=False)
         masks = load_checkpoint(self.dir, entries[variant], model, torch.device(device))
         return model.eval(), masks
-
-    def state(self, variant: str = "final", quiet: bool = False):
-        """A RunState over a variant, for commands that reuse stage code outside ``compress``."""
-        from lotus_deploy.state import RunState
-
-        device = resolve_device(self.recipe.device)
-        model, masks = self.load(variant, str(device))
-        log = logging.getLogger("lotus.cli")
-        if not log.handlers and not quiet:
-            log.addHandler(logging.StreamHandler(sys.stderr))
-            log.setLevel(logging.INFO)
-        return RunState(recipe=self.recipe, run_dir=self.dir, device=device, model=model, masks=masks, log=log, manifest=self.manifest)
-
-
-
-
-
-

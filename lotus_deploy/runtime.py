@@ -2,7 +2,7 @@
 
 ``load(path)`` opens
 
-* a TensorRT engine (``.plan`` / ``.engine``; via :mod:`lotus_deploy.trt`, needs a GPU),
+* a TensorRT engine (``.plan`` / ``.engine``; via :mod:`lotus_deploy.export.trt`, needs a GPU),
 * an ONNX file (ONNX Runtime with the TensorRT / CUDA providers when present, else CPU),
 * a checkpoint (``model.safetensors`` inside a run directory) or a run directory (PyTorch; the
   model is built from the run's recipe, optionally with 2:4 semi-structured weights on a GPU),
@@ -10,7 +10,11 @@
 and returns a :class:`Predictor` with one interface: ``predict(batch) -> logits`` on normalized
 ``(B, C, H, W)`` float batches, and ``classify(images, top_k)`` that applies the saved
 preprocessing (``preprocess.json``: input size, mean, std, interpolation, class names) to raw
-images and returns the top-k labels.
+images and returns the top-k labels. ``predict`` is ``fetch(forward(stage(x)))``: the three steps
+are public so that a benchmark can time the device call alone (:mod:`lotus_deploy.bench.backends`
+builds every backend on these predictors).
+
+:func:`ort_session` is the one ONNX Runtime session factory of the project.
 """
 
 from __future__ import annotations
@@ -73,30 +77,51 @@ class Preprocess:
 class Predictor:
     """Logits and top-k labels from one artifact. Build it with :func:`load`.
 
+    ``predict(x)`` runs ``fetch(forward(stage(chunk)))`` per chunk of at most ``max_batch`` images:
+
+    * ``stage``: a checked float32 numpy batch ``(B, C, H, W)`` -> the backend's input, on its
+      device and in its dtype (the host-to-device copy);
+    * ``forward``: the backend's input -> its raw output, left on the device (the call a
+      benchmark times);
+    * ``fetch``: the raw output -> float32 numpy logits ``(B, classes)`` on the host (the
+      device-to-host copy).
+
     Attributes:
         kind: ``tensorrt``, ``onnxruntime`` or ``torch``.
-        path: the artifact.
+        path: the artifact (None: a model in memory).
         chw: expected input ``(C, H, W)``.
         max_batch: the largest batch one call of the backend takes (None: any); ``predict``
             splits larger batches.
         preprocess: the saved preprocessing (None: ``classify`` is unavailable).
         details: backend facts (providers, device, dtype, conversion report).
+        sync: blocks until the device work ``forward`` queued is done (None: ``forward`` returns
+            when its work is done, e.g. on CPU).
     """
 
-    def __init__(self, kind: str, path: Path, run: Callable[[np.ndarray], np.ndarray], chw: Sequence[int],
-                 max_batch: int | None, preprocess: Preprocess | None, details: dict | None = None):
+    def __init__(self, kind: str, path: str | Path | None, forward: Callable[[Any], Any], chw: Sequence[int],
+                 max_batch: int | None, preprocess: Preprocess | None, details: dict | None = None, *,
+                 stage: Callable[[np.ndarray], Any] | None = None, fetch: Callable[[Any], np.ndarray] | None = None,
+                 sync: Callable[[], None] | None = None):
         self.kind = kind
-        self.path = Path(path)
-        self._run = run
+        self.path = Path(path) if path is not None else None
+        self._forward = forward
+        self._stage = stage or (lambda x: x)  # numpy (B, C, H, W) float32 -> backend input
+        self._fetch = fetch or (lambda y: y)  # backend output -> logits (B, classes)
         self.chw = tuple(int(d) for d in chw)
         self.max_batch = max_batch
         self.preprocess = preprocess
         self.details = details or {}
+        self.sync = sync
 
     def __repr__(self) -> str:
         return f"Predictor({self.kind}, {self.path}, input (B, {', '.join(map(str, self.chw))}), max_batch={self.max_batch})"
 
-    def _as_batch(self, batch: Any) -> np.ndarray:
+    def as_batch(self, batch: Any) -> np.ndarray:
+        """A numpy array or torch tensor ``(B, C, H, W)`` -> contiguous float32 numpy, checked.
+
+        Raises:
+            InputError: wrong type, shape or dtype, or an empty batch.
+        """
         try:
             import torch
 
@@ -120,6 +145,18 @@ class Predictor:
             raise InputError(f"expected normalized floating-point pixels, got dtype {batch.dtype}; use classify() for raw images")
         return np.ascontiguousarray(batch, dtype=np.float32)
 
+    def stage(self, batch: Any) -> Any:
+        """A batch ``(B, C, H, W)`` (numpy or torch, checked by :meth:`as_batch`) -> the backend's input."""
+        return self._stage(self.as_batch(batch))
+
+    def forward(self, staged: Any) -> Any:
+        """The backend's input (from :meth:`stage`) -> its raw output, on its device."""
+        return self._forward(staged)
+
+    def fetch(self, out: Any) -> np.ndarray:
+        """The raw output of :meth:`forward` -> float32 numpy logits ``(B, classes)``."""
+        return np.asarray(self._fetch(out), dtype=np.float32)
+
     def predict(self, batch: Any) -> np.ndarray:
         """Logits ``(B, classes)`` float32 for a normalized ``(B, C, H, W)`` float batch.
 
@@ -128,10 +165,9 @@ class Predictor:
         Raises:
             InputError: wrong type, shape or dtype.
         """
-        x = self._as_batch(batch)
+        x = self.as_batch(batch)
         step = self.max_batch or len(x)
-        outs = [np.asarray(self._run(x[i : i + step]), dtype=np.float32) for i in range(0, len(x), step)]
-        return np.concatenate(outs)
+        return np.concatenate([self.fetch(self.forward(self._stage(x[i : i + step]))) for i in range(0, len(x), step)])
 
     def images_to_batch(self, images: Iterable[Any]) -> np.ndarray:
         """Raw images (paths, PIL images, HxW or HxWx3 uint8 arrays) -> normalized batch."""
@@ -193,13 +229,24 @@ def _read_preprocess(*candidates: Path) -> Preprocess | None:
     return None
 
 
-def ort_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """ONNX Runtime providers to use: ``requested`` (checked), else TensorRT, CUDA, CPU as available."""
+def _provider_name(p: str | tuple[str, dict]) -> str:
+    return p[0] if isinstance(p, tuple) else p
+
+
+def ort_providers(requested: Sequence[str | tuple[str, dict]] | None = None) -> list:
+    """ONNX Runtime providers to use: ``requested`` (checked), else TensorRT, CUDA, CPU as available.
+
+    Args:
+        requested: provider names, or ``(name, options)`` pairs, in priority order.
+
+    Raises:
+        InputError: a requested provider this onnxruntime build does not have.
+    """
     import onnxruntime as ort
 
     avail = ort.get_available_providers()
     if requested:
-        missing = [p for p in requested if p not in avail]
+        missing = [_provider_name(p) for p in requested if _provider_name(p) not in avail]
         if missing:
             raise InputError(f"ONNX Runtime providers {missing} are not available here; available: {avail}")
         return list(requested)
@@ -207,29 +254,93 @@ def ort_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [p for p in order if p in avail] or ["CPUExecutionProvider"]
 
 
-def load_onnx(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Predictor:
-    from lotus_deploy.export.onnx_export import ort_session
+def ort_session(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None):
+    """The one ONNX Runtime session factory: every session lotus opens comes from here.
 
-    sess = ort_session(path, providers=ort_providers(providers), threads=threads)
+    All graph optimizations, one inter-op thread, and no spinning: idle intra-op threads
+    otherwise busy-wait after each run and steal the cores from whatever runs next (the other
+    arms of an interleaved benchmark, the rest of a serving process).
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: execution providers in priority order, names or ``(name, options)`` pairs,
+            each checked against this build (default: CPU only).
+        threads: intra-op threads (None: ONNX Runtime's default, one per core).
+
+    Raises:
+        InputError: a provider this onnxruntime build does not have.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    chosen = ort_providers(providers) if providers else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=so, providers=chosen)
+
+
+def load_onnx(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,
+              io_binding: bool = False) -> Predictor:
+    """A predictor on an ONNX file through :func:`ort_session`.
+
+    Args:
+        providers: execution providers (default: TensorRT, CUDA, CPU as available).
+        threads: intra-op CPU threads.
+        io_binding: GPU providers: ``stage`` copies the batch to ``cuda:0`` and binds it,
+            ``forward`` runs on the bound device buffers (``run_with_iobinding``, which waits
+            for the provider's stream), ``fetch`` copies the logits back; so the forward can be
+            timed without the copies. Untested here (no GPU).
+
+    Raises:
+        InputError: an unavailable provider, or an input with symbolic ``(C, H, W)``.
+    """
+    path = Path(path)
+    sess = ort_session(path, providers=providers or ort_providers(), threads=threads)
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
     chw = inp.shape[1:]
     if not all(isinstance(d, int) for d in chw):
         raise InputError(f"{path}: input {inp.name} has symbolic (C, H, W) {chw}; lotus exports fix them")
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run([out.name], {inp.name: x})[0]
-
+    details = {"providers": sess.get_providers(), "input": inp.name, "output": out.name, "intra_op_threads": threads,
+               "allow_spinning": False, "io_binding": io_binding}
     pre = _read_preprocess(path.with_name("preprocess.json"))
-    return Predictor("onnxruntime", path, run, chw, None, pre, {"providers": sess.get_providers(), "input": inp.name, "output": out.name})
+    if not io_binding:
+        return Predictor("onnxruntime", path, lambda x: sess.run([out.name], {inp.name: x})[0], chw, None, pre, details)
+    import onnxruntime as ort
+
+    def stage(x: np.ndarray):
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_output(out.name, "cuda", 0)
+        return binding
+
+    def forward(binding):
+        sess.run_with_iobinding(binding)
+        return binding
+
+    return Predictor("onnxruntime", path, forward, chw, None, pre, details, stage=stage,
+                     fetch=lambda binding: binding.copy_outputs_to_cpu()[0])
 
 
-def load_engine(path: Path) -> Predictor:
+def load_engine(path: str | Path) -> Predictor:
+    """A predictor on a TensorRT engine (:class:`lotus_deploy.export.trt.TensorRTSession`).
+
+    ``stage`` copies the batch to the GPU in the engine's input dtype, ``forward`` queues the
+    execution on torch's current stream (``sync``: ``torch.cuda.synchronize``), ``fetch`` copies
+    the logits back as float32. Untested here (no GPU, no TensorRT).
+    """
+    import torch
+
     from lotus_deploy.export.trt import TensorRTSession
 
+    path = Path(path)
     sess = TensorRTSession(path)
     pre = _read_preprocess(path.with_name(path.name + ".json"), path.with_name("preprocess.json"))
-    return Predictor("tensorrt", path, sess, sess.chw, sess.max_batch, pre,
-                     {"input": sess.input_name, "output": sess.output_name, "min_batch": sess.min_batch})
+    return Predictor("tensorrt", path, sess.run_device, sess.chw, sess.max_batch, pre,
+                     {"input": sess.input_name, "output": sess.output_name, "min_batch": sess.min_batch},
+                     stage=sess.to_device, fetch=lambda y: y.float().cpu().numpy(), sync=torch.cuda.synchronize)
 
 
 def _find_run_dir(path: Path) -> Path:
@@ -253,33 +364,56 @@ def _run_preprocess(run_dir: Path, model, recipe) -> Preprocess:
     return Preprocess.from_dict({**input_spec(model).to_dict(), "classes": classes})
 
 
-def _torch_predictor(path: Path, model, pre: Preprocess, device: str | None, semi_structured: bool, dtype: str) -> Predictor:
+def torch_predictor(
+    model, device: str | None = None, dtype: str = "fp32", semi_structured: bool = False, *,
+    path: str | Path | None = None, preprocess: Preprocess | None = None, chw: Sequence[int] | None = None,
+) -> Predictor:
+    """A predictor on a PyTorch model, moved (in place) to ``device`` in ``dtype``, under inference mode.
+
+    Args:
+        device: ``cpu`` or ``cuda`` (default cuda when available).
+        dtype: ``fp32``, ``fp16`` or ``bf16`` (activations and weights).
+        semi_structured: convert the 2:4 Linear weights with
+            :func:`lotus_deploy.semi_structured_torch.to_semi_structured_` (CUDA, cc >= 8.0, fp16
+            or bf16); the report is in ``details["semi_structured"]``.
+        path, preprocess: the artifact it came from and its saved preprocessing.
+        chw: input ``(C, H, W)`` (default: from the model, :func:`lotus_deploy.models.input_spec`).
+
+    Raises:
+        InputError: an unknown dtype, or fp32 with ``semi_structured``.
+    """
     import torch
 
-    from lotus_deploy.models import input_spec
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if tdtype is None:
+        raise InputError(f"dtype must be fp32, fp16 or bf16, got {dtype}")
+    if chw is None:
+        from lotus_deploy.models import input_spec
 
-    chw = tuple(input_spec(model).to_dict()["input_size"])
+        chw = tuple(input_spec(model).to_dict()["input_size"])
     details: dict[str, Any] = {}
     if semi_structured:
         from lotus_deploy.semi_structured_torch import to_semi_structured_
 
-        tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
-        if tdtype is None:
+        if tdtype == torch.float32:
             raise InputError(f"2:4 semi-structured weights need dtype fp16 or bf16, got {dtype}")
         details["semi_structured"] = to_semi_structured_(model, dtype=tdtype)
-        dev, tdtype_in = torch.device("cuda"), tdtype
+        dev = torch.device("cuda")
     else:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tdtype_in = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        model = model.to(dev, tdtype_in)
+        model = model.to(dev, tdtype)
     model.eval()
-    details.update(device=str(dev), dtype=str(tdtype_in).replace("torch.", ""))
+    details.update(device=str(dev), dtype=str(tdtype).replace("torch.", ""))
 
     @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x).to(dev, tdtype_in)).float().cpu().numpy()
+    def forward(x):
+        return model(x)
 
-    return Predictor("torch", path, run, chw, None, pre, details)
+    return Predictor(
+        "torch", path, forward, chw, None, preprocess, details,
+        stage=lambda x: torch.from_numpy(x).to(dev, tdtype), fetch=lambda y: y.float().cpu().numpy(),
+        sync=torch.cuda.synchronize if dev.type == "cuda" else None,
+    )
 
 
 def load(
@@ -306,7 +440,7 @@ def load(
     Raises:
         FileNotFoundError: no such path.
         InputError: an artifact lotus cannot serve.
-        lotus_deploy.trt.TensorRTUnavailable: an engine without TensorRT or a GPU.
+        lotus_deploy.export.trt.TensorRTUnavailable: an engine without TensorRT or a GPU.
     """
     path = Path(path)
     if not path.exists():
@@ -329,7 +463,7 @@ def load(
             raise InputError(str(e)) from None
         model, masks = run.load(variant)
         apply_masks_(model, masks)
-        return _torch_predictor(path, model, _run_preprocess(path, model, run.recipe), device, semi_structured, dtype)
+        return torch_predictor(model, device, dtype, semi_structured, path=path, preprocess=_run_preprocess(path, model, run.recipe))
     if path.is_file() and suffix in CHECKPOINT_SUFFIXES:
         from lotus_deploy.files import load_tensors
         from lotus_deploy.masks import apply_masks_
@@ -342,7 +476,7 @@ def load(
         model.load_state_dict(read_state_dict(path))
         if (path.parent / "masks.safetensors").is_file():
             apply_masks_(model, load_tensors(path.parent / "masks.safetensors"))
-        return _torch_predictor(path, model.eval(), _run_preprocess(run_dir, model, recipe), device, semi_structured, dtype)
+        return torch_predictor(model.eval(), device, dtype, semi_structured, path=path, preprocess=_run_preprocess(run_dir, model, recipe))
     raise InputError(f"cannot serve {path}: expected a .plan/.engine, .onnx, a {'/'.join(CHECKPOINT_SUFFIXES)} checkpoint or a run directory")
 
 

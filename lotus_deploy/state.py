@@ -13,6 +13,7 @@ import torch
 if TYPE_CHECKING:
     from lotus_deploy.data import DataBundle
     from lotus_deploy.recipe import Recipe
+    from lotus_deploy.run import Run
 
 
 @dataclass
@@ -47,17 +48,36 @@ class RunState:
     manifest: dict[str, Any] = field(default_factory=dict)
     _data: "DataBundle | None" = None
 
+    @classmethod
+    def from_run(cls, run: "Run", variant: str = "final", quiet: bool = False) -> "RunState":
+        """A state over a finished variant of ``run``, for commands that reuse stage code
+        outside ``compress`` (export, tickets, benchmarks)."""
+        import sys
+
+        from lotus_deploy.run import resolve_device
+
+        device = resolve_device(run.recipe.device)
+        model, masks = run.load(variant, str(device))
+        log = logging.getLogger("lotus.cli")
+        if not log.handlers and not quiet:
+            log.addHandler(logging.StreamHandler(sys.stderr))
+            log.setLevel(logging.INFO)
+        return cls(recipe=run.recipe, run_dir=run.dir, device=device, model=model, masks=masks, log=log, manifest=run.manifest)
+
     @property
     def data(self) -> "DataBundle":
-        """The recipe's data for this model, built once per process."""
+        """The recipe's data for this model, built once per process (reading it writes nothing)."""
         if self._data is None:
             from lotus_deploy.data import build_data
-            from lotus_deploy.files import write_json
             from lotus_deploy.models import input_spec
 
             self._data = build_data(self.recipe.data, input_spec(self.model))
-            write_json(self.run_dir / "subsets.json", {**self._data.subsets, "seed": self.recipe.data.subset_seed})
         return self._data
+
+    @property
+    def data_built(self) -> bool:
+        """Whether :attr:`data` was built in this process (the runner then records the subsets)."""
+        return self._data is not None
 
     def seed(self, offset: int = 0) -> int:
         """Seed python, numpy and torch for this stage; returns the seed used."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lotus_deploy.errors import RunError
 from lotus_deploy.masks import apply_masks_
 from lotus_deploy.progress import bar
 
@@ -101,6 +102,43 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def distill_loss(label_loss: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """(1 - alpha) * label_loss + alpha * T² * KL(softmax(teacher / T) || softmax(student / T)).
+
+    The KL divergence is summed over classes and averaged over the batch; T² keeps the soft
+    term's gradients the size of the label loss's (Hinton et al., 2015).
+
+    Args:
+        logits, teacher_logits: (B, classes) of the student and the teacher.
+    """
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * label_loss + alpha * t * t * kl
+
+
+class Distiller:
+    """Loss hook of :func:`train` that mixes the label loss with a frozen teacher's soft targets.
+
+    The teacher runs on the full images the loader yields (for token-dropped training every
+    patch, while the student sees the kept tokens), in eval mode, without gradients; it is never
+    updated.
+    """
+
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
+
+    def __call__(self, label_loss: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # not inference_mode: its tensors cannot be saved for the student's backward
+            teacher_logits = self.teacher(x)  # (B, classes)
+        return distill_loss(label_loss, logits, teacher_logits, self.alpha, self.temperature)
+
+
+class NonFiniteLoss(RunError):
+    """Training produced a NaN or infinite loss."""
+
+
 @dataclass
 class TrainSpec:
     """A training run: what trains, for how long, how fast (pure data for :func:`train`)."""
@@ -129,6 +167,7 @@ def train(
     on_step: Callable[[int], bool] | None = None,
     on_epoch: Callable[[int, dict], bool] | None = None,
     forward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     log: Callable[[str], None] = print,
     desc: str = "train",
 ) -> list[dict]:
@@ -143,6 +182,7 @@ def train(
         make_loader: epoch index -> iterable of ``(images, labels)`` (or ``(images, labels,
             extra)`` passed to ``forward``).
         steps_per_epoch: batches in one epoch of ``make_loader``.
+        distill: loss hook ``(label loss, logits, images) -> loss`` (a :class:`Distiller`).
 
     Returns:
         One dict per epoch: ``epoch``, ``step``, ``train_loss``, ``train_acc``, ``lr``,
@@ -172,6 +212,13 @@ def train(
             with amp:
                 logits = forward(x, extra) if forward is not None else model(x)  # (B, classes)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+                if distill is not None:
+                    loss = distill(loss, logits, x)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"{desc}: non-finite loss ({loss.item()}) at step {step + 1} (lr {opt.param_groups[0]['lr']:.3g}); the stage stops and "
+                    "its model is not saved (the last good checkpoint stays); lower lr / backbone_lr or set grad_clip"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if spec.grad_clip:

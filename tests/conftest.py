@@ -20,6 +20,7 @@ TINY_RECIPE: dict = {
     "device": "cpu",
     "model": {"name": "lotus_vit_micro_patch8_32", "num_classes": 10},
     "data": {"kind": "digits", "batch_size": 32, "train_subset": 200, "eval_subset": 100, "augment": "none"},
+    "train": {"backbone_lr_scale": 1.0, "grad_clip": 0, "label_smoothing": 0.0},  # from scratch: one lr, no clipping
     "stages": [
         {"kind": "finetune", "name": "train", "steps": 6, "lr": 2e-3},
         {"kind": "magnitude_prune", "sparsity": 0.5},

@@ -17,8 +17,8 @@ from lotus_deploy.masks import (
     vote,
     weight_stats,
 )
+from lotus_deploy.prune.magnitude import prune_masks
 from lotus_deploy.scope import DEFAULT_SCOPE, select_weights
-from lotus_deploy.stages.prune import prune_masks
 
 SPARSITIES = [0.0, 0.1, 1 / 3, 0.5, 0.77, 0.9, 0.99]
 
@@ -129,11 +129,6 @@ def test_masks_computed_without_touching_the_model(micro_model, granularity):
         assert m.dtype == torch.bool and not m.requires_grad
 
 
-def test_prune_masks_empty_scope_raises(micro_model):
-    with pytest.raises(ValueError, match="selects no prunable weights"):
-        prune_masks(micro_model, ["nothing.here"], 0.5, "global")
-
-
 @pytest.mark.parametrize("granularity", ["global", "per_layer"])
 def test_existing_masks_respected(granularity):
     w = scaled_weights()
@@ -156,25 +151,6 @@ def test_existing_sparser_than_target_is_kept(granularity):
     new = magnitude_masks(w, 0.5, granularity, existing=existing)
     for k in w:
         assert torch.equal(new[k], existing[k])
-
-
-def test_prune_masks_existing_is_filtered_to_scope(micro_model):
-    first = prune_masks(micro_model, ["blocks.0.*"], 0.5, "per_layer")
-    extra = {"head.weight": torch.zeros_like(micro_model.head.weight, dtype=torch.bool)}
-    second = prune_masks(micro_model, DEFAULT_SCOPE, 0.75, "per_layer", existing={**first, **extra})
-    assert "head.weight" not in second
-    for k in first:
-        assert not (second[k] & ~first[k]).any()
-
-
-def test_iterative_pruning_reaches_the_new_target(micro_model):
-    first = prune_masks(micro_model, DEFAULT_SCOPE, 0.5, "global")
-    apply_masks_(micro_model, first)
-    second = prune_masks(micro_model, DEFAULT_SCOPE, 0.8, "global", existing=first)
-    n = sum(m.numel() for m in second.values())
-    assert sum(zeros(m) for m in second.values()) == round(0.8 * n)
-    for k in first:
-        assert not (second[k] & ~first[k]).any()
 
 
 def test_apply_masks_zeros_exactly_the_masked_weights(micro_model):

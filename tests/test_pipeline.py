@@ -148,7 +148,7 @@ def test_run_refuses_a_non_run_directory(tmp_path):
 
 
 def test_existing_run_needs_resume_or_force(run_copy):
-    with pytest.raises(RunError, match="already holds a run: add --resume to continue it or --force to start over"):
+    with pytest.raises(RunError, match="already holds a run: add --resume to continue it, --rerun-from STAGE to redo part of it or --force to start over"):
         compress(parse_recipe(tiny_run_recipe_dict()), out=run_copy, quiet=True)
 
 
@@ -277,6 +277,7 @@ def _done(m: dict) -> list[str]:
     return [e["name"] for e in m["stages"] if e["status"] == "done"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_point,ready",
     [

@@ -1,4 +1,5 @@
-"""Serving runtime: ONNX Runtime (CPU) and PyTorch predictors agree with the model they serve."""
+"""Serving runtime: ONNX Runtime (CPU) and PyTorch predictors agree with the model they serve; the one
+ONNX Runtime session factory; the stage / forward / fetch split a benchmark times."""
 
 from __future__ import annotations
 
@@ -58,12 +59,65 @@ def test_onnx_predictor_uses_cpu_provider_here(served):
         runtime.ort_providers(["NoSuchExecutionProvider"])
 
 
+@pytest.mark.parametrize("kind", ["onnx", "run_dir"])
+def test_stage_forward_fetch_is_predict(served, kind):
+    """The three steps a benchmark times separately give exactly what predict gives."""
+    p = load(_artifact(served, kind), device="cpu")
+    x = served["x"]
+    assert p.sync is None  # CPU: forward is done when it returns
+    np.testing.assert_array_equal(p.fetch(p.forward(p.stage(x))), p.predict(x))
+
+
+def test_one_onnx_runtime_session_factory():
+    """Every ONNX Runtime session of the package comes from runtime.ort_session."""
+    from conftest import ROOT
+
+    makers = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "lotus_deploy").rglob("*.py") if "InferenceSession(" in f.read_text())
+    assert makers == ["lotus_deploy/runtime.py"]
+
+
+def test_ort_session_settings(served):
+    import onnxruntime as ort
+
+    sess = runtime.ort_session(_artifact(served, "onnx"), threads=1)
+    so = sess.get_session_options()
+    assert sess.get_providers() == ["CPUExecutionProvider"]  # CPU unless asked otherwise
+    assert so.intra_op_num_threads == 1 and so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("providers", [["NoSuchExecutionProvider"], [("NoSuchExecutionProvider", {"x": 1}), "CPUExecutionProvider"]],
+                         ids=["name", "name-with-options"])
+def test_ort_session_refuses_unavailable_providers(served, providers):
+    with pytest.raises(InputError, match=r"\['NoSuchExecutionProvider'\] are not available"):
+        runtime.ort_session(_artifact(served, "onnx"), providers)
+
+
+def test_torch_predictor_on_a_model_in_memory(micro_model):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = micro_model(x).numpy()
+    p = runtime.torch_predictor(micro_model, "cpu", "fp32")
+    assert p.kind == "torch" and p.path is None and p.chw == (3, 32, 32)
+    assert p.details == {"device": "cpu", "dtype": "float32"} and p.sync is None
+    assert isinstance(p.stage(x), torch.Tensor)  # the model's own input: no copy on CPU
+    np.testing.assert_allclose(p.predict(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, semi, match", [("fp64", False, "fp32, fp16 or bf16"), ("fp32", True, "need dtype fp16 or bf16")],
+                         ids=["unknown-dtype", "semi-structured-fp32"])
+def test_torch_predictor_refuses_bad_dtypes(micro_model, dtype, semi, match):
+    with pytest.raises(InputError, match=match):
+        runtime.torch_predictor(micro_model, "cpu", dtype, semi_structured=semi)
+
+
 def test_large_batches_are_split(served):
     p = load(_artifact(served, "onnx"))
     full = p.predict(served["x"])
     calls = []
-    run = p._run
-    p._run = lambda x: (calls.append(len(x)), run(x))[1]
+    forward = p._forward
+    p._forward = lambda x: (calls.append(len(x)), forward(x))[1]
     p.max_batch = 6
     np.testing.assert_allclose(p.predict(served["x"]), full, atol=1e-6)
     assert calls == [6, 6, 6, 2]

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from lotus_deploy.masks import apply_masks_
+from lotus_deploy.prune.magnitude import prune_masks
 from lotus_deploy.scope import DEFAULT_SCOPE
-from lotus_deploy.stages.prune import prune_masks
 from lotus_deploy.train import TrainSpec, evaluate, lr_factor, param_groups, train
 
 CPU = torch.device("cpu")

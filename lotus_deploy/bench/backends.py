@@ -1,9 +1,12 @@
 """Benchmark backends: one registered entry per way of running a model.
 
 A backend says whether it can run here (``available()`` returns None or the reason it cannot,
-which the report prints) and turns a model into a :class:`Prepared` callable set. The split of
-``stage`` (host-to-device copy / input conversion) from ``forward`` (the timed call) lets the
-benchmark time the model on inputs already on its device and report copies separately.
+which the report prints) and turns a model into a :class:`lotus_deploy.runtime.Predictor`, the
+same object ``lotus predict`` serves with. The predictor's split of ``stage`` (host-to-device
+copy / input conversion), ``forward`` (the timed call, output left on the device) and ``fetch``
+(device-to-host copy) lets the benchmark time the model on inputs already on its device and
+report the copies separately; its ``sync`` (None on CPU and for ONNX Runtime, whose runs wait
+for their stream) says that the forward is asynchronous and is timed with CUDA events.
 
 Only ``torch_cpu``, ``torch_compile_cpu`` and ``onnxruntime_cpu`` run on the development machines.
 Every GPU path (PyTorch CUDA, PyTorch 2:4 semi-structured, ONNX Runtime CUDA and TensorRT
@@ -23,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from lotus_deploy.registry import Registry
+from lotus_deploy.runtime import Predictor, load_engine, load_onnx, torch_predictor
 
 
 @dataclass
@@ -49,38 +53,13 @@ class BackendContext:
 
 
 @dataclass
-class Prepared:
-    """A model made ready on one backend.
-
-    Attributes:
-        stage: CPU fp32 batch ``(B, C, H, W)`` -> the backend's own input (on its device, in its
-            dtype); for GPU backends this is the host-to-device copy, timed separately.
-        forward: the backend's input -> its raw output; the call whose latency is reported.
-        to_logits: raw output -> CPU fp32 logits ``(B, classes)``.
-        sync: blocks until queued device work is done (None on CPU).
-        cuda_events: time ``forward`` with CUDA events on the current stream instead of the
-            wall clock.
-        info: what was actually used (providers, dtype, engine file), kept in the results.
-    """
-
-    stage: Callable[[torch.Tensor], Any]
-    forward: Callable[[Any], Any]
-    to_logits: Callable[[Any], torch.Tensor]
-    sync: Callable[[], None] | None = None
-    cuda_events: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU fp32 batch -> CPU fp32 logits, through this backend (used for accuracy)."""
-        return self.to_logits(self.forward(self.stage(x)))
-
-
-@dataclass
 class Backend:
     """A registered backend.
 
     Attributes:
         needs_onnx: ``prepare`` reads ``ctx.onnx_path``.
+        prepare: ``(model, ctx) -> Predictor``; what it used (providers, dtype, engine file) is in
+            the predictor's ``details``, kept in the results.
         device: ``cpu`` or ``cuda`` (copies are timed separately on ``cuda``).
         default: part of ``auto`` (every default backend that is available here).
     """
@@ -88,7 +67,7 @@ class Backend:
     name: str
     needs_onnx: bool
     available: Callable[[], str | None]
-    prepare: Callable[[torch.nn.Module, BackendContext], Prepared]
+    prepare: Callable[[torch.nn.Module, BackendContext], Predictor]
     description: str = ""
     device: str = "cpu"
     default: bool = True
@@ -148,29 +127,10 @@ def _ort_provider_reason(provider: str) -> str | None:
     return None
 
 
-def _torch_cpu_prepared(model: torch.nn.Module) -> Prepared:
-    @torch.inference_mode()
-    def forward(x):
-        return model(x)
-
-    return Prepared(stage=lambda x: x.float(), forward=forward, to_logits=lambda y: y.float())
-
-
-def _torch_cuda_prepared(model: torch.nn.Module, dtype: torch.dtype, info: dict) -> Prepared:
-    """Device-resident inputs; CUDA-event timing of the forward (untested here: no GPU)."""
-    dev = torch.device("cuda")
-
-    def stage(x):
-        return x.to(dev, dtype)
-
-    @torch.inference_mode()
-    def forward(x):
-        return model(x)
-
-    return Prepared(
-        stage=stage, forward=forward, to_logits=lambda y: y.float().cpu(), sync=torch.cuda.synchronize,
-        cuda_events=True, info={"dtype": str(dtype).removeprefix("torch."), "gpu": torch.cuda.get_device_name(), **info},
-    )
+def _on_gpu(p: Predictor, **details) -> Predictor:
+    """``p`` with the GPU's name and ``details`` added to its details."""
+    p.details.update(gpu=torch.cuda.get_device_name(), **details)
+    return p
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -183,8 +143,8 @@ class TorchCPU:
         return None
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
-        return _torch_cpu_prepared(model.eval().to("cpu"))
+    def prepare(model, ctx: BackendContext) -> Predictor:
+        return torch_predictor(model, "cpu", "fp32", chw=ctx.input_shape)
 
 
 @register_backend("torch_compile_cpu", description="torch.compile (inductor), fp32, CPU; off by default (compiles per shape)", default=False)
@@ -198,14 +158,13 @@ class TorchCompileCPU:
         return None
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
-        compiled = torch.compile(copy.deepcopy(model).eval().to("cpu"))
-        p = _torch_cpu_prepared(compiled)
-        p.info = {"compile": "inductor default mode"}
+    def prepare(model, ctx: BackendContext) -> Predictor:
+        p = torch_predictor(torch.compile(copy.deepcopy(model).eval().to("cpu")), "cpu", "fp32", chw=ctx.input_shape)
+        p.details["compile"] = "inductor default mode"
         return p
 
 
-def _register_torch_cuda(name: str, dtype: torch.dtype, needs_bf16: bool = False) -> None:
+def _register_torch_cuda(name: str, dtype: str, needs_bf16: bool = False) -> None:
     class _TorchCUDA:
         @staticmethod
         def available() -> str | None:
@@ -215,16 +174,15 @@ def _register_torch_cuda(name: str, dtype: torch.dtype, needs_bf16: bool = False
             return why
 
         @staticmethod
-        def prepare(model, ctx: BackendContext) -> Prepared:
-            m = copy.deepcopy(model).eval().to("cuda", dtype)
-            return _torch_cuda_prepared(m, dtype, {})
+        def prepare(model, ctx: BackendContext) -> Predictor:
+            return _on_gpu(torch_predictor(copy.deepcopy(model), "cuda", dtype, chw=ctx.input_shape))
 
-    register_backend(name, description=f"PyTorch eager, {str(dtype)[6:]}, CUDA (untested here)", device="cuda")(_TorchCUDA)
+    register_backend(name, description=f"PyTorch eager, {dtype}, CUDA (untested here)", device="cuda")(_TorchCUDA)
 
 
-_register_torch_cuda("torch_cuda_fp32", torch.float32)
-_register_torch_cuda("torch_cuda_fp16", torch.float16)
-_register_torch_cuda("torch_cuda_bf16", torch.bfloat16, needs_bf16=True)
+_register_torch_cuda("torch_cuda_fp32", "fp32")
+_register_torch_cuda("torch_cuda_fp16", "fp16")
+_register_torch_cuda("torch_cuda_bf16", "bf16", needs_bf16=True)
 
 
 @register_backend("torch_compile_cuda_fp16", description="torch.compile (inductor), fp16, CUDA; off by default (untested here)", device="cuda", default=False)
@@ -234,9 +192,9 @@ class TorchCompileCUDA:
         return _cuda_reason()
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
+    def prepare(model, ctx: BackendContext) -> Predictor:
         m = torch.compile(copy.deepcopy(model).eval().to("cuda", torch.float16))
-        return _torch_cuda_prepared(m, torch.float16, {"compile": "inductor default mode"})
+        return _on_gpu(torch_predictor(m, "cuda", "fp16", chw=ctx.input_shape), compile="inductor default mode")
 
 
 @register_backend(
@@ -246,8 +204,9 @@ class TorchCompileCUDA:
 )
 class Torch2to4:
     """The 2:4 Linear weights converted by :func:`lotus_deploy.semi_structured_torch.to_semi_structured_`
-    (the rest stays dense fp16). Compare with ``torch_cuda_fp16``, the same model dense. A variant
-    with no convertible layer fails with the per-layer reasons. Untested here (no GPU).
+    (the rest stays dense fp16; :func:`lotus_deploy.runtime.torch_predictor` with
+    ``semi_structured``). Compare with ``torch_cuda_fp16``, the same model dense. A variant with
+    no convertible layer fails with the per-layer reasons. Untested here (no GPU).
     """
 
     @staticmethod
@@ -259,15 +218,13 @@ class Torch2to4:
         return unavailable_reason(torch.float16)
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
-        from lotus_deploy.semi_structured_torch import to_semi_structured_
-
-        m = copy.deepcopy(model).eval()
-        report = to_semi_structured_(m, dtype=torch.float16)
+    def prepare(model, ctx: BackendContext) -> Predictor:
+        p = torch_predictor(copy.deepcopy(model), dtype="fp16", semi_structured=True, chw=ctx.input_shape)
+        report = p.details["semi_structured"]
         if not report["converted"]:
             reasons = sorted(set(report["skipped"].values()))
             raise RuntimeError(f"no Linear could be made semi-structured ({'; '.join(reasons)[:300]})")
-        return _torch_cuda_prepared(m, torch.float16, {"semi_structured": report})
+        return _on_gpu(p)
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime
@@ -280,63 +237,21 @@ class OrtCPU:
         return _ort_provider_reason("CPUExecutionProvider")
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
-        from lotus_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME
-
-        sess = ort_cpu_session(ctx.onnx_path, ctx.threads)
-
-        def forward(x):
-            return sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-
-        return Prepared(
-            stage=lambda x: x.float().contiguous().numpy(), forward=forward, to_logits=torch.from_numpy,
-            info={"providers": sess.get_providers(), "intra_op_threads": ctx.threads, "allow_spinning": False},
-        )
+    def prepare(model, ctx: BackendContext) -> Predictor:
+        return load_onnx(ctx.onnx_path, ["CPUExecutionProvider"], ctx.threads)
 
 
-def ort_cpu_session(path, threads: int):
-    """ONNX Runtime CPU session, all graph optimizations, ``threads`` intra-op threads, one inter-op
-    thread, and **no spinning**: idle intra-op threads otherwise busy-wait after each run and steal
-    the cores from whatever runs next (the other arms of an interleaved benchmark)."""
-    import onnxruntime as ort
+def _ort_gpu(ctx: BackendContext, providers: list, want: str) -> Predictor:
+    """An ONNX Runtime GPU predictor with IO binding (input copied to the GPU in ``stage``).
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def _ort_gpu_prepared(ctx: BackendContext, providers: list, want: str) -> Prepared:
-    """An ONNX Runtime GPU session with IO binding: input copied to the GPU in ``stage``.
-
-    ``run_with_iobinding`` synchronizes the execution provider's stream before it returns (ONNX
-    Runtime's default), so the wall clock times the forward. Untested here (no GPU).
+    ONNX Runtime falls back to the next provider when one fails to start: a session whose first
+    provider is not ``want`` raises instead of measuring another backend. Untested here (no GPU).
     """
-    import onnxruntime as ort
-
-    from lotus_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
-
-    sess = ort_session(ctx.onnx_path, providers=providers, threads=ctx.threads)
-    used = sess.get_providers()
+    p = load_onnx(ctx.onnx_path, providers, ctx.threads, io_binding=True)
+    used = p.details["providers"]
     if not used or used[0] != want:
         raise RuntimeError(f"ONNX Runtime did not use {want} (session providers: {used})")
-
-    def stage(x):
-        binding = sess.io_binding()
-        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x.float().contiguous().numpy(), "cuda", 0))
-        binding.bind_output(OUTPUT_NAME, "cuda", 0)
-        return binding
-
-    def forward(binding):
-        sess.run_with_iobinding(binding)
-        return binding
-
-    def to_logits(binding):
-        return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).float()
-
-    return Prepared(stage=stage, forward=forward, to_logits=to_logits, info={"providers": used})
+    return p
 
 
 @register_backend("onnxruntime_cuda", needs_onnx=True, description="ONNX Runtime, CUDAExecutionProvider, fp32, IO binding (untested here)", device="cuda")
@@ -346,8 +261,8 @@ class OrtCUDA:
         return _cuda_reason() or _ort_provider_reason("CUDAExecutionProvider")
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
-        return _ort_gpu_prepared(ctx, ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDAExecutionProvider")
+    def prepare(model, ctx: BackendContext) -> Predictor:
+        return _ort_gpu(ctx, ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDAExecutionProvider")
 
 
 def _shape(batch: int, chw: tuple[int, int, int]) -> str:
@@ -364,7 +279,7 @@ class OrtTensorRT:
         return _cuda_reason() or _ort_provider_reason("TensorrtExecutionProvider")
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
+    def prepare(model, ctx: BackendContext) -> Predictor:
         from lotus_deploy.export.onnx_export import INPUT_NAME
 
         cache = ctx.work_dir / "ort_trt_cache"
@@ -379,7 +294,7 @@ class OrtTensorRT:
             "trt_profile_opt_shapes": f"{INPUT_NAME}:{_shape(hi, ctx.input_shape)}",
             "trt_profile_max_shapes": f"{INPUT_NAME}:{_shape(hi, ctx.input_shape)}",
         }
-        return _ort_gpu_prepared(ctx, [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"], "TensorrtExecutionProvider")
+        return _ort_gpu(ctx, [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider", "CPUExecutionProvider"], "TensorrtExecutionProvider")
 
 
 # ----------------------------------------------------------------------------- TensorRT engine
@@ -387,14 +302,15 @@ class OrtTensorRT:
 
 @register_backend(
     "tensorrt", needs_onnx=True,
-    description="TensorRT engine built by lotus_deploy.trt (fp16, sparse weights when 2:4 layers exist), execute_async_v3 (untested here)",
+    description="TensorRT engine built by lotus_deploy.export.trt (fp16, sparse weights when 2:4 layers exist), execute_async_v3 (untested here)",
     device="cuda",
 )
 class TensorRTEngine:
-    """Builds the variant's engine with :func:`lotus_deploy.trt.build_engine` (profile over the
-    bench batch sizes, a timing cache shared by the variants) and runs it through
-    :class:`lotus_deploy.trt.TensorRTSession`'s context on device-resident torch buffers, so that
-    CUDA events time the execution alone. Untested here (no GPU, no TensorRT).
+    """Builds the variant's engine with :func:`lotus_deploy.export.trt.build_engine` (profile over
+    the bench batch sizes, a timing cache shared by the variants) and serves it with
+    :func:`lotus_deploy.runtime.load_engine`: device-resident torch buffers, execution queued on
+    the current stream, so that CUDA events time the execution alone. Untested here (no GPU, no
+    TensorRT).
     """
 
     @staticmethod
@@ -402,14 +318,12 @@ class TensorRTEngine:
         try:
             from lotus_deploy.export.trt import unavailable_reason
         except ImportError as e:
-            return f"lotus_deploy.trt cannot be imported ({e})"
+            return f"lotus_deploy.export.trt cannot be imported ({e})"
         return unavailable_reason()
 
     @staticmethod
-    def prepare(model, ctx: BackendContext) -> Prepared:
-        import numpy as np
-
-        from lotus_deploy.export.trt import BuildSpec, TensorRTSession, build_engine
+    def prepare(model, ctx: BackendContext) -> Predictor:
+        from lotus_deploy.export.trt import BuildSpec, build_engine
 
         hi = max(ctx.batch_sizes)
         spec = BuildSpec(
@@ -417,28 +331,9 @@ class TensorRTEngine:
             timing_cache=ctx.work_dir.parent / "trt_timing.cache",
         )
         built = build_engine(ctx.onnx_path, ctx.work_dir / "model.plan", spec, two_four_layers=ctx.two_four_layers, log=ctx.log)
-        sess = TensorRTSession(built.engine)
-        trt = sess._trt
-        as_torch = lambda dt: torch.from_numpy(np.empty(0, dtype=trt.nptype(dt))).dtype  # noqa: E731
-        in_dtype = as_torch(sess.engine.get_tensor_dtype(sess.input_name))
-        out_dtype = as_torch(sess.engine.get_tensor_dtype(sess.output_name))
-
-        def stage(x):
-            return x.to("cuda", in_dtype).contiguous()
-
-        def forward(x):
-            sess.context.set_input_shape(sess.input_name, tuple(x.shape))
-            y = torch.empty(tuple(sess.context.get_tensor_shape(sess.output_name)), dtype=out_dtype, device="cuda")
-            sess.context.set_tensor_address(sess.input_name, x.data_ptr())
-            sess.context.set_tensor_address(sess.output_name, y.data_ptr())
-            if not sess.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-                raise RuntimeError(f"TensorRT execution of {built.engine} failed")
-            return y
-
-        return Prepared(
-            stage=stage, forward=forward, to_logits=lambda y: y.float().cpu(), sync=torch.cuda.synchronize,
-            cuda_events=True, info={"engine": str(built.engine), "engine_bytes": built.engine.stat().st_size, **built.info},
-        )
+        p = load_engine(built.path)
+        p.details.update({**built.info, "engine": str(built.path), "engine_bytes": built.path.stat().st_size})  # info has "engine" too
+        return p
 
 
-__all__ = ["BACKENDS", "Backend", "BackendContext", "Prepared", "register_backend", "resolve_backends"]
+__all__ = ["BACKENDS", "Backend", "BackendContext", "register_backend", "resolve_backends"]

@@ -1,7 +1,8 @@
-"""Bench results as files: CSV, Markdown, Pareto and sparsity plots, and side-by-side comparisons.
+"""Bench results as files: CSV, Markdown, the output folder, and side-by-side comparisons.
 
-Everything here reads a :class:`lotus_deploy.bench.BenchResults` (or its rows) and writes text or
-PNG; nothing measures. Latency in ms, accuracy in percent top-1.
+Everything here reads a :class:`lotus_deploy.bench.results.BenchResults` (or its rows) and
+writes text (the figures: :mod:`lotus_deploy.bench.plots`); nothing measures. Latency in ms,
+accuracy in percent top-1.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable
 
-if TYPE_CHECKING:
-    from lotus_deploy.bench.run import BenchResults
+from lotus_deploy.bench.results import BenchResults
+from lotus_deploy.files import csv_text, write_json, write_text
 
 CSV_COLUMNS = (
     "variant", "backend", "batch", "top1", "agreement", "latency_median_ms", "latency_p90_ms", "latency_p99_ms",
@@ -22,49 +23,11 @@ CSV_COLUMNS = (
 PARETO_MARK = "★"
 
 
-# ----------------------------------------------------------------------------- Pareto front
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """Which ``(latency, accuracy)`` points no other point dominates.
-
-    A point is dominated when another one is at most as slow and at least as accurate, and
-    strictly better in one of the two. Equal points are all on the front.
-    """
-    out = []
-    for i, (lat, acc) in enumerate(points):
-        dominated = any(
-            j != i and l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points)
-        )
-        out.append(not dominated)
-    return out
-
-
-def front_line(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The front's points sorted by latency (the staircase to draw)."""
-    on = pareto_front(points)
-    return sorted((p for p, o in zip(points, on) if o), key=lambda p: (p[0], -p[1]))
-
-
-def mark_pareto(rows: list[dict]) -> None:
-    """Set ``row["pareto"]`` within each (backend, batch) table; rows without top-1 are never on it."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        r["pareto"] = False
-        if r.get("top1") is not None:
-            groups[(r["backend"], r["batch"])].append(r)
-    for g in groups.values():
-        for r, on in zip(g, pareto_front([(r["latency_median_ms"], r["top1"]) for r in g])):
-            r["pareto"] = on
-
-
 # ----------------------------------------------------------------------------- CSV and Markdown
 
 
 def results_csv(rows: Iterable[dict]) -> str:
     """One line per variant x backend x batch (:data:`CSV_COLUMNS`)."""
-    from lotus_deploy.files import csv_text
-
     return csv_text(rows, CSV_COLUMNS)
 
 
@@ -89,7 +52,7 @@ def environment_lines(env: dict) -> list[str]:
     ]
 
 
-def report_markdown(res: "BenchResults") -> str:
+def report_markdown(res: BenchResults) -> str:
     """The report: protocol, environment, variants, accuracy per backend, then one latency table per
     backend and batch size with the Pareto-optimal rows marked, pipeline efficiency, skipped backends."""
     p = res.protocol
@@ -170,97 +133,12 @@ def report_markdown(res: "BenchResults") -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- plots
+# ----------------------------------------------------------------------------- the output folder
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_pareto(res: "BenchResults", path: Path) -> Path:
-    """Accuracy vs median latency, one panel per batch size, one marker per variant x backend,
-    the front over all backends of the panel drawn as a staircase."""
-    plt = _plt()
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    batches = sorted({r.batch for r in res.rows}) or [0]
-    backends = sorted({r.backend for r in res.rows})
-    markers = "osD^v<>pPhX*"
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False)
-    for ax, bs in zip(axes[0], batches):
-        rows = [r for r in res.rows if r.batch == bs and r.top1 is not None]
-        for i, b in enumerate(backends):
-            pts = [r for r in rows if r.backend == b]
-            if pts:
-                ax.scatter([r.latency_median_ms for r in pts], [r.top1 for r in pts], marker=markers[i % len(markers)], s=46, label=b, zorder=3)
-        for r in rows:
-            ax.annotate(r.variant, (r.latency_median_ms, r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = front_line([(r.latency_median_ms, r.top1) for r in rows])
-        if front:
-            xs, ys = zip(*front)
-            ax.step(xs, ys, where="post", color="k", lw=1.0, alpha=0.6, zorder=2)
-            ax.scatter(xs, ys, s=130, facecolors="none", edgecolors="k", lw=1.0, label="Pareto front", zorder=4)
-        if not rows:
-            ax.text(0.5, 0.5, "no accuracy measured", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("median latency (ms, log)")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"batch {bs}")
-        ax.grid(alpha=0.3, which="both")
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{res.recipe}: accuracy vs latency")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_sparsity(res: "BenchResults", path: Path) -> Path:
-    """Top-1 vs scope sparsity of each variant, one series per backend, points labelled by variant."""
-    plt = _plt()
-    sparsity = {v.variant: v.scope_sparsity for v in res.variants}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    by_backend: dict[str, list] = defaultdict(list)
-    for a in res.accuracy:
-        by_backend[a.backend].append((sparsity[a.variant], a.top1, a.variant))
-    for i, (b, pts) in enumerate(sorted(by_backend.items())):  # later backends hollow and larger: overlaps stay visible
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>pPhX*"[i % 12], s=40 + 30 * i,
-                   facecolors=None if i == 0 else "none", edgecolors=f"C{i}", color=f"C{i}" if i == 0 else None, label=b, zorder=3 - 0.1 * i)
-    for v in res.variants:
-        if v.reference_top1 is not None:
-            ax.annotate(v.variant, (v.scope_sparsity, v.reference_top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if not by_backend:
-        ax.text(0.5, 0.5, "no accuracy measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("sparsity of the scope (fraction of weights that are zero)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{res.recipe}: accuracy vs sparsity")
-    ax.grid(alpha=0.3)
-    if by_backend:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    from lotus_deploy.files import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    _plt().close(fig)
-    return path
-
-
-def write_outputs(res: "BenchResults", out_dir: Path) -> dict[str, Path]:
+def write_outputs(res: BenchResults, out_dir: Path) -> dict[str, Path]:
     """results.json, results.csv, report.md, pareto.png and sparsity.png in ``out_dir``."""
-    from lotus_deploy.files import write_json, write_text
+    from lotus_deploy.bench.plots import plot_pareto, plot_sparsity
 
     rows = [r.model_dump() for r in res.rows]
     return {
@@ -275,7 +153,7 @@ def write_outputs(res: "BenchResults", out_dir: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- comparison
 
 
-def compare(a: "BenchResults", b: "BenchResults") -> dict[str, Any]:
+def compare(a: BenchResults, b: BenchResults) -> dict[str, Any]:
     """Rows of ``a`` and ``b`` matched on (variant, backend, batch): latency and throughput ratios
     ``b / a`` and the top-1 difference ``b - a`` (points). Unmatched rows are listed.
 

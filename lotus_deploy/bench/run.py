@@ -2,20 +2,23 @@
 
 Flow of :func:`run_bench`:
 
-1. backends (``auto``, ``all`` or names, :mod:`lotus_deploy.backends`): each one available here
-   or skipped with its reason;
+1. backends (``auto``, ``all`` or names, :mod:`lotus_deploy.bench.backends`): each one available
+   here or skipped with its reason;
 2. variants (``all`` or names): every model state the run produced, named by its stage,
    de-duplicated by checkpoint sha256 (``dense`` and ``final`` usually become aliases);
-3. per variant: model facts, ONNX export when a backend needs it, each backend prepared (a
-   failing backend is recorded, never fatal), top-1 from each backend's *own* outputs and
-   agreement with the PyTorch CPU fp32 reference;
-4. latency per batch size, every variant x backend arm timed side by side in rounds
-   (``interleave: variants``; or one variant at a time, ``backends``), so that drift on a shared
-   machine hits every arm alike and the variants of one table stay comparable;
+3. per variant: model facts (:mod:`lotus_deploy.bench.facts`), ONNX export when a backend needs
+   it, each backend prepared as a :class:`lotus_deploy.runtime.Predictor` (a failing backend is
+   recorded, never fatal), top-1 from each backend's *own* outputs and agreement with the
+   PyTorch CPU fp32 reference (:func:`lotus_deploy.metrics.top1_loop`);
+4. latency per batch size (:mod:`lotus_deploy.bench.timing`), every variant x backend arm timed
+   side by side in rounds (``interleave: variants``; or one variant at a time, ``backends``), so
+   that drift on a shared machine hits every arm alike and the variants of one table stay
+   comparable;
 5. pipeline efficiency: the eval loop's images/s over the forward's images/s on in-memory
    tensors; the same for essential-sparsity sweeps recorded in the manifest;
-6. ``results.json`` (:class:`BenchResults`, versioned; :func:`load_results` reads it back),
-   ``results.csv``, ``report.md``, ``pareto.png``, ``sparsity.png`` (:mod:`lotus_deploy.report`).
+6. ``results.json`` (:class:`lotus_deploy.bench.results.BenchResults`, versioned;
+   :func:`~lotus_deploy.bench.results.load_results` reads it back), ``results.csv``,
+   ``report.md``, ``pareto.png``, ``sparsity.png`` (:func:`lotus_deploy.bench.report.write_outputs`).
 
 Latency in ms; images/s = batch / median latency; sparsity = fraction of zero weights.
 """
@@ -24,366 +27,46 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import statistics
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lotus_deploy.bench.backends import (
     BACKENDS,
     Backend,
     BackendContext,
-    Prepared,
-    register_backend,
     resolve_backends,
 )
-from lotus_deploy.errors import RunError
-
-RESULTS_FORMAT = "lotus.bench"
-RESULTS_VERSION = 2
-TIMING_PROTOCOL = (
-    "per backend and batch: warm-up calls, then at least `iters` timed calls and `min_seconds`, split into "
-    "`rounds` rounds that interleave the arms (every variant x backend, or the backends of one variant: "
-    "`interleave`); CPU: wall clock (time.perf_counter); CUDA: events on the "
-    "current stream, synchronized; host-to-device and device-to-host copies timed separately, not in the latency"
+from lotus_deploy.bench.facts import (
+    bench_environment,
+    model_facts,
+    resolve_variants,
+    sweep_efficiency,
 )
-
-
-class ResultsError(RunError):
-    """A results file that cannot be read (missing, another format, another version)."""
-
-
-# ----------------------------------------------------------------------------- results schema
-
-
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BackendStatus(_Schema):
-    """One requested backend: measured, skipped (unavailable here) or failed (raised while running)."""
-
-    name: str
-    description: str
-    device: str
-    status: Literal["measured", "skipped", "failed"]
-    reason: str | None = None
-    info: dict[str, Any] = {}
-
-
-class VariantFacts(_Schema):
-    """A model state of the run and what it is made of."""
-
-    variant: str
-    aliases: list[str]
-    checkpoint: str
-    weights_sha256: str
-    params: int
-    nonzeros: int
-    sparsity: float
-    scope: list[str]
-    scope_params: int
-    scope_nonzeros: int
-    scope_sparsity: float
-    linear_layers: int
-    two_four_layers: int
-    two_four_layer_names: list[str]
-    checkpoint_bytes: int
-    onnx_bytes: int | None = None
-    reference_top1: float | None = None
-
-
-class Accuracy(_Schema):
-    """Top-1 of one variant on one backend, from that backend's own outputs."""
-
-    variant: str
-    backend: str
-    top1: float
-    images: int
-    agreement: float
-    max_abs_logit_diff: float
-    seconds: float
-
-
-class Row(_Schema):
-    """One variant x backend x batch size: latency and the facts to plot it against."""
-
-    variant: str
-    backend: str
-    batch: int
-    top1: float | None
-    agreement: float | None
-    latency_median_ms: float
-    latency_p90_ms: float
-    latency_p99_ms: float
-    latency_mean_ms: float
-    latency_min_ms: float
-    latency_std_ms: float
-    iters: int
-    timer: Literal["wall", "cuda_events"]
-    images_per_s: float
-    h2d_median_ms: float | None = None
-    d2h_median_ms: float | None = None
-    scope_sparsity: float
-    nonzeros: int
-    params: int
-    two_four_layers: int
-    pareto: bool = False
-
-
-class Failure(_Schema):
-    variant: str
-    backend: str
-    error: str
-
-
-class SweepEfficiency(_Schema):
-    """Wall time of an essential-sparsity sweep against points x one forward pass over the eval set
-    (``stage_cost_ratio``: the stage's own ratio to its evaluation loops, when it recorded one)."""
-
-    stage: str
-    wall_s: float
-    points: int | None
-    ideal_s: float | None
-    ratio: float | None
-    stage_cost_ratio: float | None = None
-    note: str
-
-
-class Pipeline(_Schema):
-    """Eval loop throughput over the model's forward throughput on tensors already in memory."""
-
-    variant: str
-    device: str
-    batch_size: int
-    images: int
-    cache_eval: bool
-    loop_images_per_s: float
-    forward_images_per_s: float
-    efficiency: float
-    sweeps: list[SweepEfficiency] = []
-
-
-class Protocol(_Schema):
-    model: str
-    img_size: int
-    eval_images: int | None
-    eval_subset: int | None
-    subset_seed: int
-    accuracy_batch: int
-    batch_sizes: list[int]
-    warmup: int
-    iters: int
-    min_seconds: float
-    rounds: int
-    interleave: str
-    threads: int
-    weights_file_sha256: str | None
-    timing: str
-
-
-class BenchResults(_Schema):
-    """Everything one bench measured (``results.json``); ``version`` changes with the schema."""
-
-    format: Literal["lotus.bench"] = RESULTS_FORMAT
-    version: Literal[2] = RESULTS_VERSION
-    created: str
-    run: str
-    recipe: str
-    protocol: Protocol
-    environment: dict[str, Any]
-    backends: list[BackendStatus]
-    variants: list[VariantFacts]
-    accuracy: list[Accuracy]
-    rows: list[Row]
-    failures: list[Failure] = []
-    pipeline: Pipeline | None = None
-
-
-def results_path(path: str | Path) -> Path:
-    """A results file, bench folder (``results.json`` in it) or run folder (``bench/results.json``)."""
-    p = Path(path)
-    for cand in (p, p / "results.json", p / "bench" / "results.json"):
-        if cand.is_file():
-            return cand
-    raise ResultsError(f"no bench results at {p} (looked for {p}, {p / 'results.json'}, {p / 'bench' / 'results.json'}); run `lotus bench RUN` first")
-
-
-def load_results(path: str | Path) -> BenchResults:
-    """Read and validate ``results.json`` (or the one in a bench or run folder).
-
-    Raises:
-        ResultsError: missing file, not lotus bench results, or another schema version.
-    """
-    import json
-
-    p = results_path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{p} is not JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("format") != RESULTS_FORMAT:
-        raise ResultsError(f"{p} is not a lotus bench results file (written by an older lotus? re-run `lotus bench`)")
-    if raw.get("version") != RESULTS_VERSION:
-        raise ResultsError(f"{p} has results version {raw.get('version')}; this lotus reads version {RESULTS_VERSION}: re-run `lotus bench`")
-    try:
-        return BenchResults.model_validate(raw)
-    except ValidationError as e:
-        raise ResultsError(f"{p} does not match the results schema v{RESULTS_VERSION}: {e}") from None
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Timed:
-    """One arm of a timing: ``fn()`` is the timed call; ``sync`` waits for device work."""
-
-    fn: Callable[[], Any]
-    sync: Callable[[], None] | None = None
-    cuda_events: bool = False
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q``-quantile (0..1) of sorted values, linear interpolation (numpy's default)."""
-    if not sorted_values:
-        raise ValueError("no values")
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def latency_stats(times_ms: list[float], timer: str = "wall") -> dict[str, Any]:
-    """median, p90, p99, mean, min, max, std (ms) and the number of timed calls."""
-    t = sorted(times_ms)
-    return {
-        "median_ms": statistics.median(t), "p90_ms": percentile(t, 0.9), "p99_ms": percentile(t, 0.99),
-        "mean_ms": statistics.fmean(t), "min_ms": t[0], "max_ms": t[-1],
-        "std_ms": statistics.stdev(t) if len(t) > 1 else 0.0, "iters": len(t), "timer": timer,
-    }
-
-
-def _time_once(arm: Timed) -> float:
-    if arm.cuda_events:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        arm.fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    if arm.sync:
-        arm.sync()
-    t0 = time.perf_counter()
-    arm.fn()
-    if arm.sync:
-        arm.sync()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def time_arms(arms: dict[str, Timed], warmup: int, iters: int, min_seconds: float = 0.0, rounds: int = 5) -> dict[str, dict]:
-    """Latency of several arms measured side by side.
-
-    Every arm gets ``warmup`` untimed calls, then timed calls in rounds: each round runs
-    ``ceil(iters / rounds)`` calls of every arm, the arm order rotating between rounds, until every
-    arm has at least ``iters`` calls and ``min_seconds`` of timed calls.
-
-    Returns:
-        arm name -> :func:`latency_stats` (ms).
-    """
-    names = list(arms)
-    for n in names:
-        for _ in range(warmup):
-            arms[n].fn()
-        if arms[n].sync:
-            arms[n].sync()
-    per_round = max(1, math.ceil(iters / max(rounds, 1)))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    r = 0
-    while any(len(times[n]) < iters or sum(times[n]) < min_seconds * 1e3 for n in names):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            for _ in range(per_round):
-                times[n].append(_time_once(arms[n]))
-        r += 1
-    return {n: latency_stats(times[n], "cuda_events" if arms[n].cuda_events else "wall") for n in names}
-
-
-def time_fn(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float = 0.0, sync=None, cuda_events: bool = False) -> dict:
-    """Latency of one callable (:func:`time_arms` with one arm, one round)."""
-    return time_arms({"fn": Timed(fn, sync, cuda_events)}, warmup, iters, min_seconds, rounds=1)["fn"]
-
-
-# ----------------------------------------------------------------------------- model facts
-
-
-
-def model_facts(model: torch.nn.Module, scope=None) -> dict[str, Any]:
-    """Parameters, non-zeros, sparsity overall and in ``scope`` (default: the block Linears), 2:4 layers."""
-    from lotus_deploy.masks import weight_stats
-    from lotus_deploy.scope import DEFAULT_SCOPE, select_weights
-
-    scope = list(scope or DEFAULT_SCOPE)
-    whole = weight_stats(model)
-    sc = weight_stats(model, list(select_weights(model, scope)))
-    from lotus_deploy.prune.two_four import two_four_layers
-
-    tf = two_four_layers(model)
-    return {
-        "params": whole["params"], "nonzeros": whole["nonzeros"], "sparsity": whole["sparsity"], "scope": scope,
-        "scope_params": sc["params"], "scope_nonzeros": sc["nonzeros"], "scope_sparsity": sc["sparsity"],
-        "linear_layers": sum(isinstance(m, torch.nn.Linear) for m in model.modules()),
-        "two_four_layers": len(tf), "two_four_layer_names": tf,
-    }
-
-
-def resolve_variants(run, requested: list[str]) -> list[dict]:
-    """Variant names -> ``{"name", "aliases", "entry"}``, one per distinct checkpoint.
-
-    ``all`` means: ``initial``, every finished stage that saved a model (in order), ``dense``,
-    ``final``. A name whose checkpoint (sha256) was already listed becomes an alias of it.
-
-    Raises:
-        RunError: an unknown variant name.
-    """
-    entries = run.variants()
-    names: list[str] = []
-    for v in requested:
-        if v == "all":
-            made = [e["name"] for e in run.manifest["stages"] if e["status"] == "done" and "model" in e.get("artifacts", {})]
-            names += ["initial", *made, "dense", "final"]
-        elif v not in entries:
-            raise RunError(f"no variant {v!r} in {run.dir}; have: all, {', '.join(entries)}")
-        else:
-            names.append(v)
-    out: list[dict] = []
-    by_sha: dict[str, dict] = {}
-    for n in names:
-        sha = entries[n]["artifacts"]["model"]["sha256"]
-        if sha in by_sha:
-            if n != by_sha[sha]["name"] and n not in by_sha[sha]["aliases"]:
-                by_sha[sha]["aliases"].append(n)
-            continue
-        by_sha[sha] = {"name": n, "aliases": [], "entry": entries[n]}
-        out.append(by_sha[sha])
-    return out
-
+from lotus_deploy.bench.pareto import mark_pareto
+from lotus_deploy.bench.report import write_outputs
+from lotus_deploy.bench.results import (
+    TIMING_PROTOCOL,
+    BackendStatus,
+    BenchResults,
+    Protocol,
+)
+from lotus_deploy.bench.timing import Timed, time_arms, time_fn
+from lotus_deploy.errors import RunError
+from lotus_deploy.metrics import agreement, top1_loop
+from lotus_deploy.runtime import Predictor
 
 # ----------------------------------------------------------------------------- accuracy and pipeline
 
 
-def accuracy_pass(predict: Callable[[torch.Tensor], torch.Tensor], loader) -> dict[str, Any]:
-    """Top-1 (%) of ``predict``'s own logits over ``loader``; also the logits ``(N, classes)``."""
-    from lotus_deploy.metrics import top1_loop
-
+def accuracy_pass(predict: Callable[[Any], Any], loader) -> dict[str, Any]:
+    """Top-1 (%) of ``predict``'s own logits over ``loader`` (:func:`lotus_deploy.metrics.top1_loop`);
+    also the logits ``(N, classes)`` (numpy float32) and the loop's wall time (s)."""
     r = top1_loop({"p": predict}, loader, keep_logits=True)["p"]
-    return {"top1": r["top1"], "images": r["images"], "logits": torch.from_numpy(r["logits"]), "seconds": r["seconds"]}
+    return {"top1": r["top1"], "images": r["images"], "logits": r["logits"], "seconds": r["seconds"]}
 
 
 def pipeline_efficiency(model: torch.nn.Module, data, device: torch.device) -> dict[str, Any]:
@@ -418,71 +101,6 @@ def pipeline_efficiency(model: torch.nn.Module, data, device: torch.device) -> d
     }
 
 
-def _sweep_points(metrics: dict) -> int | None:
-    """Evaluations a sweep ran: its ``evaluations`` count (dense + points x scopes), else the length
-    of its point table."""
-    for key in ("evaluations", "points", "table"):
-        v = metrics.get(key)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-        if isinstance(v, list) and v:
-            return len(v)
-    return None
-
-
-def sweep_efficiency(manifest: dict, eval_images: int, forward_images_per_s: float) -> list[dict]:
-    """For each finished ``essential_sparsity`` stage: wall time / (points x one forward pass over
-    the eval set at ``forward_images_per_s``). Goal <= 1.1. The sweep ran earlier, in its own
-    process: the ratio is only meaningful on the machine and device the run used."""
-    out = []
-    for e in manifest.get("stages", []):
-        if e.get("kind") != "essential_sparsity" or e.get("status") != "done":
-            continue
-        m = e.get("metrics", {})
-        pts = _sweep_points(m)
-        wall = m.get("sweep_wall_s", e["wall_s"])
-        ideal = pts * eval_images / forward_images_per_s if pts else None
-        out.append({
-            "stage": e["name"], "wall_s": wall, "points": pts, "ideal_s": ideal,
-            "ratio": wall / ideal if ideal else None, "stage_cost_ratio": m.get("cost_ratio"),
-            "note": "sweep wall time / (evaluations x eval images / forward images/s measured by this bench)"
-            if pts else "the stage's metrics do not say how many points it swept",
-        })
-    return out
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def bench_environment(threads: int) -> dict[str, Any]:
-    """:func:`lotus_deploy.pipeline.environment` plus threads, ONNX Runtime providers, GPU driver and cuDNN."""
-    import shutil
-    import subprocess
-
-    from lotus_deploy.run import environment
-
-    env = environment()
-    env["bench_threads"] = threads
-    env["torch_interop_threads"] = torch.get_num_interop_threads()
-    env["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
-    try:
-        import onnxruntime as ort
-
-        env["onnxruntime_providers"] = ort.get_available_providers()
-    except ImportError:
-        env["onnxruntime_providers"] = []
-    if torch.cuda.is_available():
-        env["cudnn"] = torch.backends.cudnn.version()
-        env["gpu_driver"] = None
-        if shutil.which("nvidia-smi"):
-            try:
-                q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-                env["gpu_driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
-            except (OSError, subprocess.SubprocessError):
-                pass
-    return env
-
-
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -500,8 +118,8 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
     """Benchmark the variants of a run; writes results.json/.csv, report.md and plots in ``out_dir``.
 
     Args:
-        run: an opened :class:`lotus_deploy.pipeline.Run`.
-        cfg: a :class:`lotus_deploy.config.BenchConfig`.
+        run: an opened :class:`lotus_deploy.run.Run`.
+        cfg: a :class:`lotus_deploy.recipe.base.BenchConfig`.
         data: a DataBundle to reuse (else built from the recipe).
 
     Returns:
@@ -510,7 +128,6 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
     Raises:
         RunError: unknown variant or backend name.
     """
-    from lotus_deploy.bench.report import mark_pareto, write_outputs
     from lotus_deploy.data import build_data
     from lotus_deploy.export.onnx_export import export_onnx
     from lotus_deploy.files import sha256_file
@@ -558,11 +175,12 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
                         try:
                             staged = p.stage(x)
                             y = p.forward(staged)
-                            arms[(pv["name"], bname)] = Timed((lambda p=p, s=staged: p.forward(s)), p.sync, p.cuda_events)
+                            # an asynchronous forward (a sync to wait for it) is timed with CUDA events
+                            arms[(pv["name"], bname)] = Timed((lambda p=p, s=staged: p.forward(s)), p.sync, p.sync is not None)
                             if BACKENDS[bname].device != "cpu":
                                 copies[(pv["name"], bname)] = {
                                     "h2d": time_fn(lambda p=p: p.stage(x), 2, cfg.iters, sync=p.sync)["median_ms"],
-                                    "d2h": time_fn(lambda p=p, y=y: p.to_logits(y), 2, cfg.iters, sync=p.sync)["median_ms"],
+                                    "d2h": time_fn(lambda p=p, y=y: p.fetch(y), 2, cfg.iters, sync=p.sync)["median_ms"],
                                 }
                         except Exception as e:  # noqa: BLE001
                             fail(pv["name"], bname, e, f"batch {bs}: ")
@@ -613,11 +231,11 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
                 onnx_path if onnx_path.exists() else None, out_dir / "work" / name, threads, list(cfg.batch_sizes),
                 tuple(example.shape[1:]), two_four_layers=facts["two_four_layer_names"], log=log,
             )
-            prepared: dict[str, Prepared] = {}
+            prepared: dict[str, Predictor] = {}
             for b in ready:
                 try:
                     prepared[b.name] = b.prepare(model, ctx)
-                    statuses[b.name].info = prepared[b.name].info
+                    statuses[b.name].info = prepared[b.name].details
                 except Exception as e:  # noqa: BLE001 — one backend failing must not end the bench
                     fail(name, b.name, e, "prepare: ")
             acc: dict[str, dict] = {}
@@ -633,10 +251,10 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
                         fail(name, bname, e, "accuracy: ")
                         del prepared[bname]
                         continue
+                    same = agreement(a["logits"], ref["logits"])
                     acc[bname] = {
                         "variant": name, "backend": bname, "top1": a["top1"], "images": a["images"],
-                        "agreement": (a["logits"].argmax(1) == ref["logits"].argmax(1)).float().mean().item(),
-                        "max_abs_logit_diff": (a["logits"] - ref["logits"]).abs().max().item(), "seconds": a["seconds"],
+                        "agreement": same["top1_agreement"], "max_abs_logit_diff": same["max_abs_diff"], "seconds": a["seconds"],
                     }
                     acc_out.append(acc[bname])
             facts_out.append(facts)
@@ -681,10 +299,3 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
         return results.model_dump(mode="json")
     finally:
         torch.set_num_threads(old_threads)
-
-
-__all__ = [
-    "BACKENDS", "register_backend", "BenchResults", "load_results", "results_path", "run_bench", "time_fn", "time_arms",
-    "latency_stats", "percentile", "model_facts", "resolve_variants", "accuracy_pass",
-    "pipeline_efficiency", "sweep_efficiency", "ResultsError",
-]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
+from lotus_deploy.export.verify import ExportError
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
-
-class ExportError(RuntimeError):
-    """The exported graph is invalid or disagrees with PyTorch beyond tolerance."""
+__all__ = ["ExportError", "export_onnx", "compare_with_torch", "onnx_weight_zeros", "torch_weight_zeros", "export_checked"]
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor, opset: int = 17, dynamo: bool = False) -> Path:
@@ -50,20 +50,10 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
     return path
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-    """An ONNX Runtime session (CPU provider unless ``providers`` says otherwise)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
-
-
 def compare_with_torch(path: str | Path, model: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> dict:
     """Run ONNX Runtime (CPU) and PyTorch on ``images``; max |diff| of logits and top-1 agreement."""
+    from lotus_deploy.runtime import ort_session
+
     sess = ort_session(path)
     model = model.eval().to("cpu")
     diffs, agree, n = [], 0, 0
@@ -122,7 +112,7 @@ def export_checked(model, path, images: torch.Tensor, opset: int = 17, dynamo: b
         "opset": opset,
         "tolerance": tolerance,
     }
-    if parity["max_abs_diff"] > tolerance:
+    if not parity["max_abs_diff"] <= tolerance:  # NaN fails too
         raise ExportError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} > tolerance {tolerance:g} on {parity['images']} eval images")
     if oz["zeros"] < tz["zeros"]:
         raise ExportError(f"the ONNX weights hold {oz['zeros']} zeros but the model has {tz['zeros']}: zeros were lost in export")

@@ -8,9 +8,11 @@ Layout written by :func:`write_repository`::
     DIR/<name>/1/model.plan        platform tensorrt_plan
 
 ``config.pbtxt`` is protobuf text of Triton's ``ModelConfig``: name, platform, max_batch_size,
-one NCHW FP32 input and one FP32 output with dims *without* the batch axis, dynamic batching
-with preferred batch sizes, and a GPU instance group for TensorRT plans (a plan only runs on the
-GPU it was built for; ONNX models leave the choice to Triton). Tested by parsing the written file.
+one NCHW input and one output with the element types of the ONNX graph (or the engine's I/O)
+and dims *without* the batch axis, dynamic batching with preferred batch sizes, a ``precision``
+parameter (what the model computes in: fp32, fp16, bf16, int8 or fp8, from the ONNX's types or
+the engine sidecar) and a GPU instance group for TensorRT plans (a plan only runs on the GPU it
+was built for; ONNX models leave the choice to Triton). Tested by parsing the written file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,18 @@ from pathlib import Path
 from typing import Sequence
 
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan"), ".engine": ("tensorrt_plan", "model.plan")}
-DTYPES = {"float32": "TYPE_FP32", "FLOAT": "TYPE_FP32", "float16": "TYPE_FP16", "HALF": "TYPE_FP16", "bfloat16": "TYPE_BF16", "BF16": "TYPE_BF16"}
+DTYPES = {
+    "float32": "TYPE_FP32", "FLOAT": "TYPE_FP32", "float16": "TYPE_FP16", "HALF": "TYPE_FP16", "bfloat16": "TYPE_BF16", "BF16": "TYPE_BF16",
+    "int8": "TYPE_INT8", "INT8": "TYPE_INT8", "uint8": "TYPE_UINT8", "UINT8": "TYPE_UINT8", "float64": "TYPE_FP64",
+}
+"""numpy / TensorRT element type names -> Triton data types of model I/O."""
+
+
+def triton_dtype(name: str) -> str:
+    """Triton's data type of an I/O element type name; ValueError for one Triton has no type for here."""
+    if name not in DTYPES:
+        raise ValueError(f"no Triton data type for model I/O of element type {name!r}")
+    return DTYPES[name]
 
 
 def model_name(text: str) -> str:
@@ -60,8 +73,9 @@ def config_pbtxt(
     max_queue_delay_us: int = 100,
     label_file: str | None = "labels.txt",
     gpu_instances: int | None = None,
+    precision: str | None = None,
 ) -> str:
-    """The text of ``config.pbtxt`` (dims exclude the batch axis)."""
+    """The text of ``config.pbtxt`` (dims exclude the batch axis; ``precision`` as a model parameter)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 (batching models), got {max_batch_size}")
     pref = sorted({b for b in (preferred_batch_sizes or preferred_batches(max_batch_size)) if 1 <= b <= max_batch_size})
@@ -90,6 +104,8 @@ def config_pbtxt(
         f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}",
         "}",
     ]
+    if precision:
+        lines += ["parameters {", '  key: "precision"', f"  value {{ string_value: {_q(precision)} }}", "}"]
     if gpu_instances:
         lines += ["instance_group [", "  {", f"    count: {int(gpu_instances)}", "    kind: KIND_GPU", "  }", "]"]
     return "\n".join(lines) + "\n"
@@ -112,6 +128,7 @@ def write_repository(
     classes: Sequence[str] | None = None,
     version: int = 1,
     max_queue_delay_us: int = 100,
+    precision: str | None = None,
 ) -> Path:
     """Write ``repo_dir/<name>/`` for an ONNX file or a TensorRT engine; returns config.pbtxt's path.
 
@@ -122,6 +139,9 @@ def write_repository(
         max_batch_size: images per request batch; default 32 for ONNX, the engine profile's max
             for a plan (a larger value is refused: the engine cannot run it).
         classes: class names for ``labels.txt`` (default: ``preprocess.json`` next to the model).
+        precision: recorded as the ``precision`` parameter; default: what the ONNX holds
+            (:func:`lotus_deploy.export.graph_precision.onnx_precision`) or the engine was built in
+            (its sidecar).
 
     Raises:
         ValueError: unknown model type, missing sidecar, or a batch size the engine cannot run.
@@ -140,7 +160,10 @@ def write_repository(
     if platform == "onnxruntime_onnx":
         import onnx
 
-        g = onnx.load(str(model_path), load_external_data=False).graph
+        from lotus_deploy.export.graph_precision import onnx_precision
+
+        m = onnx.load(str(model_path), load_external_data=False)
+        g = m.graph
         inits = {i.name for i in g.initializer}
         inputs = [i for i in g.input if i.name not in inits]
         if len(inputs) != 1 or len(g.output) != 1:
@@ -150,28 +173,29 @@ def write_repository(
             return [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
 
         def dtype(v) -> str:
-            elem = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-            return DTYPES.get(elem, "TYPE_FP32")
+            return triton_dtype(onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type))
 
         inp, out = inputs[0], g.output[0]
         in_name, in_dims, in_dt = inp.name, shape(inp)[1:], dtype(inp)
         out_name, out_dims, out_dt = out.name, shape(out)[1:], dtype(out)
         max_batch_size = max_batch_size or 32
         gpu_instances = None
+        precision = precision or onnx_precision(m)
     else:
         side_path = model_path.with_name(model_path.name + ".json")
         if not side_path.is_file():
             raise ValueError(f"no sidecar {side_path.name} next to {model_path.name}: build the engine with lotus (it records the I/O)")
         side = json.loads(side_path.read_text())
         i, o = _engine_io(side)
-        in_name, in_dims, in_dt = i["name"], i["shape"][1:], DTYPES.get(i["dtype"], "TYPE_FP32")
-        out_name, out_dims, out_dt = o["name"], o["shape"][1:], DTYPES.get(o["dtype"], "TYPE_FP32")
+        in_name, in_dims, in_dt = i["name"], i["shape"][1:], triton_dtype(i["dtype"])
+        out_name, out_dims, out_dt = o["name"], o["shape"][1:], triton_dtype(o["dtype"])
         engine_max = int(side["profiles"][in_name]["max"][0])
         if max_batch_size is not None and max_batch_size > engine_max:
             raise ValueError(f"max_batch_size {max_batch_size} exceeds the engine's profile maximum {engine_max}")
         max_batch_size = max_batch_size or engine_max
         gpu_instances = 1
         pre = pre or (side.get("preprocess") or {})
+        precision = precision or (side.get("precision") or {}).get("built")
     if any(d < 0 for d in [*in_dims, *out_dims]):
         raise ValueError(f"only the batch axis may be dynamic; got input dims {in_dims}, output dims {out_dims}")
 
@@ -188,5 +212,6 @@ def write_repository(
     text = config_pbtxt(
         name, platform, max_batch_size, in_name, in_dims, out_name, out_dims, in_dt, out_dt,
         max_queue_delay_us=max_queue_delay_us, label_file="labels.txt" if classes else None, gpu_instances=gpu_instances,
+        precision=precision,
     )
     return write_text(model_dir / "config.pbtxt", text)

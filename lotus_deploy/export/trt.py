@@ -1,19 +1,25 @@
 """TensorRT engines from the exported ONNX: build, sidecar, ``trtexec`` line, sparse-math report, inference.
 
 UNTESTED HERE: TensorRT cannot be installed on the development machines (no NVIDIA GPU). The
-build and inference code is written against the documented TensorRT 10.x Python API
+build and inference code is written against the documented TensorRT 10.x and 11.x Python API
 (``trt.Builder``, ``create_network``, ``trt.OnnxParser``, ``create_builder_config``,
 ``set_memory_pool_limit``, optimization profiles, ``create_timing_cache`` /
 ``set_timing_cache``, ``build_serialized_network``, ``trt.Runtime``, ``execute_async_v3``) and
 its tests are marked ``trt`` and skipped without a GPU. What *is* tested everywhere: the pure
-helpers (``trtexec`` command line, parsing of TensorRT's sparsity log lines, layer matching)
-and the path taken when TensorRT or the GPU is missing (:func:`unavailable_reason`).
+helpers (:func:`build_plan`, the ``trtexec`` command line for TensorRT 10 and 11, parsing of
+TensorRT's sparsity log lines, layer matching) and the path taken when TensorRT or the GPU is
+missing (:func:`unavailable_reason`).
 
 Every ``import tensorrt`` of the project lives in this module, inside functions.
 
-TensorRT 11 removed the FP16/BF16 builder flags (networks are always strongly typed: precision
-follows the ONNX tensor types). The builder records such a flag as unavailable in the sidecar
-instead of failing; an fp32 ONNX then builds an fp32 engine.
+Precision on TensorRT 10 and 11 (:func:`build_plan` decides): TensorRT 11 removed the precision
+builder flags (``FP16``, ``BF16``, ``INT8``, ``FP8``) and trtexec's ``--fp16`` & co.: every
+network is strongly typed and computes in the types of the ONNX, so fp16/bf16/INT8/FP8 engines
+are built from the ONNX that :mod:`lotus_deploy.export.precision` converted
+(``model.<precision>.onnx``). On TensorRT 10, fp16/bf16 use the builder flags on the fp32 ONNX
+unless a strongly typed network is asked for; INT8/FP8 (explicit Q/DQ) are always built strongly
+typed, as NVIDIA's explicit-quantization guide says. A request the ONNX cannot give (fp16 asked,
+fp32 ONNX, TensorRT 11) builds what the ONNX holds, warns loudly and records both in the sidecar.
 """
 
 from __future__ import annotations
@@ -26,8 +32,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lotus_deploy.errors import RunError
+from lotus_deploy.export.graph_precision import QUANTIZED, check_precision_name
 
-INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with its driver and a CUDA build of torch)"
+INSTALL_HINT = "pip install tensorrt (tensorrt>=10,<12, the `trt` extra: pip install -e '.[trt]'; needs an NVIDIA GPU with its driver and a CUDA build of torch)"
+
+DEFAULT_MAJOR = 11
+"""TensorRT major version a ``trtexec.sh`` is written for when tensorrt is not installed here
+(what ``pip install tensorrt`` resolves to today)."""
+
+PRECISION_FLAGS = {"fp16": "FP16", "bf16": "BF16"}
+"""TensorRT 10 builder flags of the precisions that may be built weakly typed from an fp32 ONNX."""
 
 
 class TensorRTUnavailable(RunError):
@@ -71,14 +85,15 @@ class BuildSpec:
     """What to build. Batch sizes in images; workspace in MiB.
 
     Attributes:
-        precision: ``fp16`` / ``bf16`` set the builder flag (weakly typed networks), ``fp32``
-            sets none. Ignored with ``strongly_typed`` (precision then follows the ONNX types).
+        precision: what is asked for: ``fp32``, ``fp16``, ``bf16`` (builder flags on TensorRT 10
+            from an fp32 ONNX), ``int8``, ``fp8`` (need a Q/DQ ONNX). :func:`build_plan` decides
+            what is really built; strongly typed builds follow the ONNX types.
         sparse: set ``SPARSE_WEIGHTS`` so TensorRT may use 2:4 sparse kernels; None (auto):
             on unless :func:`build_engine` is told that no layer is 2:4 (TensorRT only uses
             sparse kernels where the weights are 2:4, so the flag costs build time, not accuracy).
         min_batch, opt_batch, max_batch: the optimization profile of the batch axis.
         timing_cache: file read before and written after the build (reused across builds).
-        strongly_typed: create the network with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``.
+        strongly_typed: ask for a strongly typed network on TensorRT 10 (TensorRT 11 always is).
     """
 
     precision: str = "fp16"
@@ -91,10 +106,95 @@ class BuildSpec:
     strongly_typed: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        check_precision_name(self.precision)
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How TensorRT ``major`` builds a requested precision from an ONNX of a given precision.
+
+    Attributes:
+        major: TensorRT major version (10 or 11).
+        strongly_typed: create the network strongly typed (the ONNX types decide the precision).
+        flags: ``BuilderFlag`` names to set (``FP16``/``BF16`` on 10 only, ``SPARSE_WEIGHTS``).
+        requested: the precision asked for.
+        onnx: the precision the ONNX holds (:func:`lotus_deploy.export.graph_precision.onnx_precision`).
+        built: the precision the engine computes in.
+        warning: why ``built`` differs from ``requested`` (None when it does not).
+    """
+
+    major: int
+    strongly_typed: bool
+    flags: tuple[str, ...]
+    requested: str
+    onnx: str
+    built: str
+    warning: str | None = None
+
+
+def trt_major(version: str) -> int:
+    """The major version of a TensorRT version string (``"11.4.0.1"`` -> 11)."""
+    return int(str(version).split(".")[0])
+
+
+def installed_major() -> int | None:
+    """The installed tensorrt package's major version, None when it cannot be imported here."""
+    try:
+        import tensorrt as trt
+    except Exception:  # noqa: BLE001 — absent, or a broken install (missing libnvinfer)
+        return None
+    return trt_major(trt.__version__)
+
+
+def build_plan(major: int, requested: str, onnx: str, strongly_typed: bool = False, sparse: bool | None = True) -> BuildPlan:
+    """Decide strong typing and builder flags (pure).
+
+    * TensorRT 11: always strongly typed, no precision flags: the engine computes in the ONNX's
+      precision.
+    * TensorRT 10: strongly typed when asked, when the ONNX already holds a precision other
+      than fp32 (converted or Q/DQ), or for ``int8``/``fp8`` (explicit quantization wants strong
+      typing, no precision flags); otherwise weakly typed with the ``FP16``/``BF16`` flag of
+      ``requested`` (fp32: none).
+    * ``SPARSE_WEIGHTS`` unless ``sparse`` is False (None = auto = on).
+
+    Args:
+        major: TensorRT major version.
+        requested: the precision asked for (one of ``PRECISIONS``).
+        onnx: the ONNX file's precision.
+
+    Raises:
+        ValueError: TensorRT older than 10, or an unknown precision.
+    """
+    check_precision_name(requested)
+    check_precision_name(onnx)
+    if major < 10:
+        raise ValueError(f"TensorRT {major}.x is not supported: the builder is written for tensorrt>=10,<12")
+    typed = major >= 11 or strongly_typed or onnx != "fp32" or requested in QUANTIZED
+    flags = () if typed or requested not in PRECISION_FLAGS else (PRECISION_FLAGS[requested],)
+    built = onnx if typed else requested
+    warning = None
+    if built != requested:
+        why = "TensorRT 11 has no precision flags" if major >= 11 else "a strongly typed network follows the ONNX types"
+        warning = (f"{requested} was asked for but the ONNX holds {onnx}: {why}, so the engine is {built}; "
+                   f"build from the ONNX converted by `lotus export RUN --precision {requested}` (model.{requested}.onnx)")
+    if sparse is not False:
+        flags += ("SPARSE_WEIGHTS",)
+    return BuildPlan(major=major, strongly_typed=typed, flags=flags, requested=requested, onnx=onnx, built=built, warning=warning)
+
+
+def trtexec_precision_args(plan: BuildPlan) -> list[str]:
+    """trtexec's typing, precision and sparsity options for ``plan`` (pure).
+
+    ``--stronglyTyped`` and ``--fp16``/``--bf16`` exist on TensorRT 10 only (11 removed the
+    precision flags and is always strongly typed); ``--sparsity=enable|disable`` on both.
+    """
+    args = []
+    if plan.major < 11:
+        args += ["--stronglyTyped"] if plan.strongly_typed else [f"--{f.lower()}" for f in plan.flags if f != "SPARSE_WEIGHTS"]
+    args.append(f"--sparsity={'enable' if 'SPARSE_WEIGHTS' in plan.flags else 'disable'}")
+    return args
 
 
 def profile_shapes(chw: Iterable[int], spec: BuildSpec) -> dict[str, list[int]]:
@@ -110,20 +210,32 @@ def _rel(path: Path, base: Path) -> str:
         return str(Path(path).resolve())
 
 
-def trtexec_command(onnx: Path, engine: Path, input_name: str, chw: Iterable[int], spec: BuildSpec, verbose: bool = True) -> str:
+def onnx_file_precision(path: str | Path) -> str:
+    """:func:`lotus_deploy.export.graph_precision.onnx_precision` of an ONNX file; ``fp32`` when it does not exist (yet)."""
+    if not Path(path).is_file():
+        return "fp32"
+    import onnx
+
+    from lotus_deploy.export.graph_precision import onnx_precision
+
+    return onnx_precision(onnx.load(str(path)))
+
+
+def trtexec_command(onnx: Path, engine: Path, input_name: str, chw: Iterable[int], spec: BuildSpec, verbose: bool = True,
+                    plan: BuildPlan | None = None) -> str:
     """The ``trtexec`` command line equivalent to :func:`build_engine` with ``spec``.
 
     Paths are relative to the engine's folder when they lie inside it (the script ``cd``s there).
+
+    Args:
+        plan: how the engine is built; default :func:`build_plan` for the installed TensorRT
+            (:data:`DEFAULT_MAJOR` when it is not installed here) and the ONNX file's precision.
     """
     base = Path(engine).parent
     shapes = profile_shapes(chw, spec)
     dims = {k: "x".join(str(d) for d in v) for k, v in shapes.items()}
-    args = ["trtexec", f"--onnx={_rel(onnx, base)}", f"--saveEngine={_rel(engine, base)}"]
-    if spec.strongly_typed:
-        args.append("--stronglyTyped")
-    elif spec.precision in ("fp16", "bf16"):
-        args.append(f"--{spec.precision}")
-    args.append(f"--sparsity={'disable' if spec.sparse is False else 'enable'}")
+    plan = plan or build_plan(installed_major() or DEFAULT_MAJOR, spec.precision, onnx_file_precision(onnx), spec.strongly_typed, spec.sparse)
+    args = ["trtexec", f"--onnx={_rel(onnx, base)}", f"--saveEngine={_rel(engine, base)}", *trtexec_precision_args(plan)]
     args += [f"--minShapes={input_name}:{dims['min']}", f"--optShapes={input_name}:{dims['opt']}", f"--maxShapes={input_name}:{dims['max']}"]
     if spec.timing_cache is not None:
         args.append(f"--timingCacheFile={_rel(spec.timing_cache, base)}")
@@ -298,11 +410,12 @@ def build_engine(
     two_four_layers: list[str] | None = None,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
+    script_name: str = "trtexec.sh",
     **spec_fields: Any,
 ) -> BuildResult:
     """Build a TensorRT engine from ``onnx_path`` (UNTESTED HERE: needs TensorRT and a GPU).
 
-    Writes next to ``engine_path``: the engine, ``<engine>.json`` (sidecar), ``trtexec.sh``,
+    Writes next to ``engine_path``: the engine, ``<engine>.json`` (sidecar), ``script_name`` (trtexec),
     ``trt_build.log`` (the whole verbose log) and updates ``spec.timing_cache``.
 
     Args:
@@ -335,11 +448,15 @@ def build_engine(
         write_text(log_path, "\n".join(logger.lines) + "\n")
         return EngineBuildError(f"{msg} (full log: {log_path})")
 
+    plan = build_plan(trt_major(trt.__version__), spec.precision, onnx_file_precision(onnx_path), spec.strongly_typed, spec.sparse)
+    if plan.warning:
+        warn("!" * 78 + f"\nWARNING: engine: {plan.warning}\n" + "!" * 78)
     builder = trt.Builder(logger)
     net_flags = 0
-    if spec.strongly_typed:
-        net_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(net_flags)  # explicit batch is the only mode in 10.x
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # accepted and ignored on 11
+    if plan.strongly_typed and typed_flag is not None:
+        net_flags |= 1 << int(typed_flag)
+    network = builder.create_network(net_flags)  # explicit batch is the only mode since 10.x
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -347,18 +464,12 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
-    flags: dict[str, Any] = {"strongly_typed": spec.strongly_typed}
-    if spec.strongly_typed:
-        flags["precision"] = "from the ONNX tensor types (strongly typed)"
-    elif spec.precision == "fp16":
-        _set_flag(trt, config, "FP16", flags)
-    elif spec.precision == "bf16":
-        _set_flag(trt, config, "BF16", flags)
-    if spec.sparse:
-        _set_flag(trt, config, "SPARSE_WEIGHTS", flags)
+    flags: dict[str, Any] = {"strongly_typed": plan.strongly_typed}
+    for name in plan.flags:
+        _set_flag(trt, config, name, flags)
     for name, v in flags.items():
         if isinstance(v, str) and v.startswith("unavailable"):
-            warn(f"engine: builder flag {name} is {v}; precision follows the ONNX tensor types")
+            warn(f"engine: builder flag {name} is {v}")
     if hasattr(trt, "ProfilingVerbosity"):
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
 
@@ -383,7 +494,7 @@ def build_engine(
     if not cache_blob:
         config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log(f"engine: building {engine_path.name} from {onnx_path.name} ({spec.precision}, sparse {'on' if spec.sparse else 'off'}, "
+    log(f"engine: building {engine_path.name} from {onnx_path.name} ({plan.built}{', strongly typed' if plan.strongly_typed else ''}, TensorRT {trt.__version__}, sparse {'on' if spec.sparse else 'off'}, "
         f"batch {spec.min_batch}/{spec.opt_batch}/{spec.max_batch}, timing cache {'reused' if cache_blob else 'new'})")
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -414,8 +525,8 @@ def build_engine(
     if sparsity["warning"]:
         warn("!" * 78 + f"\nWARNING: {sparsity['warning']}\n" + "!" * 78)
     input_name = inputs[0].name
-    cmd = trtexec_command(onnx_path, engine_path, input_name, profiles[input_name]["min"][1:], spec)
-    script = write_trtexec_script(engine_path.parent / "trtexec.sh", cmd)
+    cmd = trtexec_command(onnx_path, engine_path, input_name, profiles[input_name]["min"][1:], spec, plan=plan)
+    script = write_trtexec_script(engine_path.parent / script_name, cmd)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     info = {
         "engine": engine_path.name,
@@ -424,6 +535,7 @@ def build_engine(
         "onnx": str(onnx_path),
         "onnx_sha256": sha256_file(onnx_path),
         "tensorrt": trt.__version__,
+        "precision": {"requested": plan.requested, "onnx": plan.onnx, "built": plan.built, "strongly_typed": plan.strongly_typed, "warning": plan.warning},
         "gpu": props.name,
         "compute_capability": [props.major, props.minor],
         "torch_cuda": torch.version.cuda,
@@ -443,6 +555,36 @@ def build_engine(
     log(f"engine: {engine_path} ({info['bytes'] / 1e6:.1f} MB) built in {build_s:.1f} s on {props.name}; "
         f"sparse layers picked by TensorRT: {len(sparsity['trt_picked'])}")
     return BuildResult(path=engine_path, sidecar=sidecar, trtexec=script, log=log_path, info=info)
+
+
+def build_for_state(state, cfg, onnx_path: Path, engine_path: Path, precision: str, warn: Callable[[str], None] | None = None) -> BuildResult:
+    """Build ``engine_path`` from a converted ``model.<precision>.onnx`` of a run's state (UNTESTED HERE: needs TensorRT and a GPU).
+
+    Args:
+        state: the run state (its model and masks say which layers are 2:4; its log gets the messages).
+        cfg: the recipe's ``engine`` stage settings (:class:`lotus_deploy.recipe.stages.Engine`);
+            ``precision`` replaces its precision, ``sparse`` auto = on when the model has 2:4 layers.
+        onnx_path: the converted ONNX, with the export's ``preprocess.json`` next to it.
+        precision: the precision asked for (what the ONNX holds, see :func:`build_plan`).
+
+    Writes ``trtexec.<precision>.sh`` next to the engine first, so it exists even without TensorRT.
+
+    Raises:
+        TensorRTUnavailable: after writing the script, when TensorRT or a GPU is missing.
+        EngineBuildError: TensorRT rejected the graph or failed to build.
+    """
+    from lotus_deploy.files import read_json
+    from lotus_deploy.prune.two_four import two_four_layers
+
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    layers = two_four_layers(state.model, state.masks)
+    spec = replace(cfg.build_spec(engine_path.parent, {"on": True, "off": False}.get(cfg.sparse, bool(layers))), precision=precision)
+    pre = read_json(onnx_path.with_name("preprocess.json"))
+    script = f"trtexec.{precision}.sh"
+    write_trtexec_script(engine_path.parent / script, trtexec_command(onnx_path, engine_path, pre.get("input", "input"), pre["input_size"], spec))
+    require_tensorrt()
+    return build_engine(onnx_path, engine_path, spec, preprocess=pre, two_four_layers=layers, log=state.log.info,
+                        warn=warn or state.log.warning, script_name=script)
 
 
 # ----------------------------------------------------------------------------- inference (TensorRT)
@@ -493,20 +635,30 @@ class TensorRTSession:
 
         return self._torch.from_numpy(np.empty(0, dtype=self._trt.nptype(dt))).dtype
 
-    def __call__(self, x):
-        """Logits ``(B, classes)`` float32 numpy for a float32 numpy batch with min <= B <= max."""
+    def to_device(self, x):
+        """A float32 numpy batch ``(B, C, H, W)`` -> a contiguous CUDA tensor in the engine's input dtype."""
+        return self._torch.from_numpy(x).to("cuda", self._in_dtype).contiguous()
+
+    def run_device(self, x):
+        """CUDA input ``(B, C, H, W)`` (from :meth:`to_device`) -> CUDA logits ``(B, classes)`` in the
+        engine's output dtype, queued on torch's current stream (not synchronized).
+
+        A batch below the profile's minimum is padded up to it; the padding is dropped from the output.
+        """
         torch = self._torch
         n = len(x)
-        xt = torch.from_numpy(x).to("cuda", self._in_dtype)
         if n < self.min_batch:  # pad up to the profile's minimum, drop the padding after
-            xt = torch.cat([xt, xt[-1:].expand(self.min_batch - n, *xt.shape[1:])])
-        xt = xt.contiguous()
-        self.context.set_input_shape(self.input_name, tuple(xt.shape))
+            x = torch.cat([x, x[-1:].expand(self.min_batch - n, *x.shape[1:])]).contiguous()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
         y = torch.empty(_dims(self.context.get_tensor_shape(self.output_name)), dtype=self._out_dtype, device="cuda")
-        self.context.set_tensor_address(self.input_name, xt.data_ptr())
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
         self.context.set_tensor_address(self.output_name, y.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError(f"TensorRT execution of {self.path} failed")
-        stream.synchronize()
-        return y[:n].float().cpu().numpy()
+        return y[:n]
+
+    def __call__(self, x):
+        """Logits ``(B, classes)`` float32 numpy for a float32 numpy batch with B <= max_batch."""
+        y = self.run_device(self.to_device(x))
+        self._torch.cuda.current_stream().synchronize()
+        return y.float().cpu().numpy()

@@ -14,8 +14,9 @@ IJCAI 2023) keep, for each image, the patches the pretrained model attends to mo
   as the others; ``exclude`` lets them fade. (Normalizing *after* the head average would change
   no selection at all.) :func:`ticket_overlap` measures how far the two selections differ.
 * **Tickets**: ``K = ceil(keep * patches)`` patch indices per image (static shapes), sorted
-  ascending; prefix tokens are always kept. ``attention``, ``random`` (seeded per image and
-  epoch) and ``full`` run through the same code path.
+  ascending; prefix tokens are always kept. K is resolved once (:func:`num_kept`) and passed
+  as an integer. ``attention``, ``random`` (seeded per image and epoch) and ``full`` are
+  :class:`Selection` strategies in :data:`SELECTIONS` and run through the same code path.
 * **Token dropping**: :func:`forward_tokens` gathers the kept patch tokens after the positional
   embedding, so every block runs on ``prefix + K`` tokens (no masking).
 
@@ -37,9 +38,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from lotus_deploy.progress import bar
+from lotus_deploy.registry import Registry
 
 SINKS = ("normalize", "exclude")
-SELECTIONS = ("attention", "random", "full")
 
 # ----------------------------------------------------------------------------- model checks
 
@@ -229,10 +230,14 @@ def score_dataset(
 # ----------------------------------------------------------------------------- tickets
 
 
+def ticket_generator(seed: int, epoch: int = 0) -> torch.Generator:
+    """The CPU generator of random tickets for ``seed`` and ``epoch`` (different every epoch)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
 def random_scores(n_images: int, patches: int, seed: int, epoch: int = 0) -> torch.Tensor:
     """Uniform scores (n_images, P), fixed by ``seed`` and ``epoch`` (different every epoch)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
-    return torch.rand(n_images, patches, generator=g)
+    return torch.rand(n_images, patches, generator=ticket_generator(seed, epoch))
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -245,11 +250,73 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort(dim=1).values
 
 
+class Selection:
+    """How tickets are drawn: one registered strategy per recipe value of ``selection``.
+
+    Attributes:
+        name: the recipe value (``attention``, ``random``, ``full``).
+        needs_teacher: tickets come from a teacher's CLS attention scores.
+        redraws: new tickets every epoch (else epoch 0's tickets serve every epoch).
+    """
+
+    name = ""
+    needs_teacher = False
+    redraws = False
+
+    def pick(self, scores: torch.Tensor | None, n: int, patches: int, k: int, generator: torch.Generator) -> torch.Tensor:
+        """Kept patch indices (n, K) of ``n`` images, int64, each row sorted ascending.
+
+        Args:
+            scores: (n, P) teacher scores (``needs_teacher`` only, else ignored).
+            k: K, patches kept per image (:func:`num_kept`).
+            generator: CPU generator of random draws (``random`` only).
+        """
+        raise NotImplementedError
+
+
+class AttentionSelection(Selection):
+    """The K patches the teacher's CLS token attends to most."""
+
+    name = "attention"
+    needs_teacher = True
+
+    def pick(self, scores, n, patches, k, generator):
+        if scores is None or tuple(scores.shape) != (n, patches):
+            got = None if scores is None else tuple(scores.shape)
+            raise ValueError(f"attention selection needs scores of shape ({n}, {patches}), got {got}")
+        return top_k(scores, k)
+
+
+class RandomSelection(Selection):
+    """K uniformly random patches per image, drawn again every epoch (control)."""
+
+    name = "random"
+    redraws = True
+
+    def pick(self, scores, n, patches, k, generator):
+        return top_k(torch.rand(n, patches, generator=generator), k)
+
+
+class FullSelection(Selection):
+    """Every patch, in order (control); K is P."""
+
+    name = "full"
+
+    def pick(self, scores, n, patches, k, generator):
+        return torch.arange(patches).expand(n, patches).clone()
+
+
+SELECTIONS: Registry[Selection] = Registry("ticket selection")
+for _s in (AttentionSelection(), RandomSelection(), FullSelection()):
+    SELECTIONS.add(_s.name, _s)
+del _s
+
+
 def select_tickets(
     scores: torch.Tensor | None,
     n_images: int,
     patches: int,
-    keep: float,
+    k: int,
     selection: str,
     seed: int = 0,
     epoch: int = 0,
@@ -258,21 +325,15 @@ def select_tickets(
 
     Args:
         scores: (n_images, P) attention scores; needed for ``attention`` only.
-        keep: fraction of patches kept; ``K = ceil(keep * P)`` (``full`` keeps all P).
-        selection: ``attention`` (top-K scores), ``random`` (uniform K-subset, seeded per image
-            and epoch) or ``full`` (every patch, in order).
+        k: K, patches kept per image, resolved once with :func:`num_kept` (``full`` keeps all P).
+        selection: a :data:`SELECTIONS` name: ``attention`` (top-K scores), ``random`` (uniform
+            K-subset, seeded per image and epoch) or ``full`` (every patch, in order).
     """
-    if selection == "full":
-        return torch.arange(patches).expand(n_images, patches).clone()
-    k = num_kept(patches, keep)
-    if selection == "random":
-        return top_k(random_scores(n_images, patches, seed, epoch), k)
-    if selection == "attention":
-        if scores is None or tuple(scores.shape) != (n_images, patches):
-            got = None if scores is None else tuple(scores.shape)
-            raise ValueError(f"attention selection needs scores of shape ({n_images}, {patches}), got {got}")
-        return top_k(scores, k)
-    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {tuple(SELECTIONS)}, got {selection!r}")
+    if not isinstance(k, int) or not 0 < k <= patches:
+        raise ValueError(f"k must be an int in [1, {patches}] (see num_kept), got {k!r}")
+    return SELECTIONS[selection].pick(scores, n_images, patches, k, ticket_generator(seed, epoch))
 
 
 def ticket_overlap(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from lotus_deploy.errors import LotusError
 from lotus_deploy.recipe.base import (
     BenchConfig,
     DataConfig,
@@ -22,6 +23,7 @@ from lotus_deploy.recipe.base import (
     ModelConfig,
     StageConfig,
     Strict,
+    TrainConfig,
 )
 from lotus_deploy.recipe.stages import STAGE_CONFIGS
 
@@ -33,28 +35,57 @@ StageUnion = Annotated[
 BUILTIN_VARIANTS = ("all", "initial", "dense", "final")
 
 
+STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+"""Run and stage names: they become folder names, so no ``/``, no leading ``.``."""
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # values after YAML alias expansion ("billion laughs" stops here)
+MAX_VALUE_CHARS = 80  # values quoted in error messages are cut to this
+
+
+class GuardConfig(Strict):
+    """Fail a stage that collapsed: it ends near chance after entering well above it."""
+
+    enabled: bool = Field(True, description="check every stage that reports a top-1")
+    collapse_margin: float = Field(5.0, ge=0, description="a stage ending within this many points of chance (100/classes) has collapsed")
+    min_entering: float = Field(20.0, ge=0, description="only when the model entered at least this many points above chance")
+
+
 class Recipe(Strict):
     """A lotus recipe (``version: 1``). Build it with :func:`parse_recipe` / :func:`load_recipe`."""
 
     version: Literal[1] = Field(description="recipe format version; must be 1")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; runs/<name>/ by default")
+    name: str = Field(pattern=STAGE_NAME_PATTERN, description="run name; runs/<name>/ by default")
     seed: int = Field(0, description="seed of every stage's randomness (stage i uses a seed derived from it)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     model: ModelConfig
     data: DataConfig
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(), description="training defaults: every training stage's unset optimizer fields")
     stages: list[StageUnion] = Field(default_factory=list, description="stages, run in order")  # type: ignore[valid-type]
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    guard: GuardConfig = Field(default_factory=lambda: GuardConfig())
 
     @field_validator("stages")
     @classmethod
     def _name_stages(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        import re
+
         counts: dict[str, int] = {}
-        for s in stages:
+        for i, s in enumerate(stages):
+            if s.name is not None and not re.match(STAGE_NAME_PATTERN, s.name):
+                raise ValueError(f"stage {i} name {s.name!r}: use letters, digits, '.', '_' or '-' (it names a folder), starting with a letter or digit")
             if s.name is None:
                 counts[s.kind] = counts.get(s.kind, 0) + 1
                 s.name = s.kind if counts[s.kind] == 1 else f"{s.kind}_{counts[s.kind]}"
         return stages
+
+    @model_validator(mode="after")
+    def _inherit_train(self) -> "Recipe":
+        """Fill the training stages' unset fields from ``train:``, so the dump shows what each stage uses."""
+        for i, s in enumerate(self.stages):  # in place: assigning self.stages would validate it again
+            self.stages[i] = self.train.resolve(s, self.data.batch_size)
+        return self
 
 
 @dataclass
@@ -67,11 +98,21 @@ class Problem:
     has_value: bool = False
 
     def format(self, source: str) -> str:
-        got = f" (got {self.value!r})" if self.has_value else ""
+        got = f" (got {_short(self.value)})" if self.has_value else ""
         return f"{source}: {self.loc or '<recipe>'}: {self.msg}{got}"
 
 
-class RecipeError(Exception):
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to :data:`MAX_VALUE_CHARS` (huge or alias-expanded values stay one line)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = MAX_VALUE_CHARS, MAX_VALUE_CHARS, 4, 4, 2
+    text = r.repr(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
+
+
+class RecipeError(LotusError):
     """A recipe that cannot be used; ``problems`` lists every reason."""
 
     def __init__(self, source: str, problems: list[Problem]):
@@ -96,6 +137,9 @@ def cross_check(r: Recipe) -> list[Problem]:
         for loc in _knee_fields(s.model_dump()):
             if not any(t.kind == "essential_sparsity" for t in r.stages[:i]):
                 out.append(Problem(f"stages.{i}.{loc}", "knee sparsities come from an essential_sparsity stage: put one before this stage"))
+        teacher = s.distill.teacher if getattr(s, "distill", None) is not None else None
+        if teacher is not None and (why := _teacher_problem(teacher, r.stages[:i])):
+            out.append(Problem(f"stages.{i}.distill.teacher", why, teacher, True))
         has_masks = (has_masks or s.makes_masks) and not s.ends_masks
     known = set(BUILTIN_VARIANTS) | set(names)
     for j, v in enumerate(r.bench.variants):
@@ -108,6 +152,17 @@ def cross_check(r: Recipe) -> list[Problem]:
     if r.model.weights is not None and r.model.pretrained:
         out.append(Problem("model.pretrained", "set either model.weights (local file) or model.pretrained (download), not both", True, True))
     return out
+
+
+def _teacher_problem(teacher: str, before: list[StageConfig]) -> str | None:
+    """Why variant ``teacher`` is not finished when a stage after ``before`` starts (None: it is)."""
+    if teacher == "initial" or teacher in [s.name for s in before]:
+        return None
+    if teacher == "dense":
+        if any(s.makes_masks for s in before):
+            return None
+        return "dense (the model before the first pruning stage) is not finished before this stage: put a pruning stage first, or name initial or an earlier stage"
+    return "not a variant finished before this stage; allowed: initial, dense (after a pruning stage), an earlier stage's name"
 
 
 def _knee_fields(d: Any, prefix: str = "") -> list[str]:
@@ -146,6 +201,7 @@ def _annotation_at(path: list[str], raw: dict) -> Any:
     model: Any = Recipe
     node: Any = raw
     tp: Any = None
+    item_tp: Any = None  # the item type once ``model`` became a list
     for part in path:
         if isinstance(model, type) and issubclass(model, BaseModel):
             field = model.model_fields.get(part)
@@ -157,7 +213,7 @@ def _annotation_at(path: list[str], raw: dict) -> Any:
             if not part.lstrip("-").isdigit():
                 return None
             node = node[int(part)] if isinstance(node, list) and -len(node) <= int(part) < len(node) else None
-            tp = item_tp  # noqa: F821  (set when model became list)
+            tp = item_tp
         else:
             return None
         members = _unwrap(tp)
@@ -186,6 +242,16 @@ def _typed_value(path: list[str], text: str, raw: dict) -> Any:
         return text
 
 
+def _index(part: str, n: int) -> int:
+    """A list index from a ``--set`` key part: 0..n-1 only (no negative or out-of-range index)."""
+    if not part.isdigit():
+        raise ValueError(f"{part!r} is not a list index (0, 1, ...)")
+    i = int(part)
+    if i >= n:
+        raise IndexError(f"index {i} is out of range (the list has {n - 1 if n else 0} items)")
+    return i
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
     """Apply ``a.b.c=value`` overrides to the raw recipe dict in place; returns problems."""
     problems = []
@@ -199,13 +265,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
         try:
             for part in path[:-1]:
                 if isinstance(node, list):
-                    node = node[int(part)]
+                    node = node[_index(part, len(node))]
                 else:
                     node = node.setdefault(part, {})
             last = path[-1]
             value = _typed_value(path, text, raw)
             if isinstance(node, list):
-                idx = int(last)
+                idx = _index(last, len(node) + 1)
                 if idx == len(node):
                     node.append(value)
                 else:
@@ -293,17 +359,78 @@ def parse_recipe(raw: Any, source: str = "<recipe>", overrides: list[str] | None
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a YAML recipe file; raises :class:`RecipeError`."""
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML safe loader (the C one when present) that refuses duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def _count_nodes(obj: Any, budget: int) -> int:
+    """Values in ``obj`` counting shared (aliased) ones each time; stops past ``budget``."""
+    n, stack = 0, [obj]
+    while stack and n <= budget:
+        x = stack.pop()
+        n += 1
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return n
+
+
+def read_yaml(path: str | Path, what: str = "recipe") -> Any:
+    """Read a YAML file safely: at most 1 MiB of UTF-8 text, no duplicate keys, alias expansion bounded.
+
+    Raises:
+        RecipeError: with one problem naming the file and what is wrong.
+    """
     path = Path(path)
+    src = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(src, [Problem("", f"{what} file is {size:,} bytes; at most {MAX_RECIPE_BYTES:,} allowed")])
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise RecipeError(str(path), [Problem("", "no such file")]) from None
+        raise RecipeError(src, [Problem("", "no such file")]) from None
+    except IsADirectoryError:
+        raise RecipeError(src, [Problem("", f"is a folder, not a {what} file")]) from None
+    except PermissionError:
+        raise RecipeError(src, [Problem("", "not readable (permission denied)")]) from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4096]:
+        why = "UTF-16 text" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "binary data"
+        raise RecipeError(src, [Problem("", f"not a UTF-8 YAML file ({why}); save it as UTF-8")])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(src, [Problem("", f"not UTF-8 text (byte {e.start}); save it as UTF-8")]) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 — a safe loader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(str(path), [Problem("", f"invalid YAML: {where}{getattr(e, 'problem', e)}")]) from None
+        raise RecipeError(src, [Problem("", f"invalid YAML: {where}{getattr(e, 'problem', None) or e}")]) from None
+    except RecursionError:
+        raise RecipeError(src, [Problem("", "invalid YAML: nested too deeply")]) from None
+    if _count_nodes(raw, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise RecipeError(src, [Problem("", f"the {what} expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases?); refusing it")])
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe file; raises :class:`RecipeError`."""
+    raw = read_yaml(path)
     return parse_recipe(raw if raw is not None else {}, str(path), overrides)
 
 
@@ -323,7 +450,9 @@ def stage_fingerprint(recipe: Recipe, index: int) -> str:
     Model, data, seed and the stages up to and including ``index``: a finished stage whose
     fingerprint changed cannot be reused on resume. Export/bench settings and the run name do
     not count. Fields left at their defaults are not hashed, so a lotus release that adds an
-    optional field does not invalidate finished runs.
+    optional field does not invalidate finished runs. Training fields are hashed as resolved
+    from ``train:`` (never None after parsing), so a change there invalidates exactly the
+    stages that inherit it.
     """
     from lotus_deploy.files import sha256_json
 

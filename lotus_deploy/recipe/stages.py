@@ -14,6 +14,8 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from lotus_deploy.recipe.base import (
+    TRAIN_FIELDS,
+    KneeWord,
     Scope,
     Sparsity,
     SparsityOrKnee,
@@ -26,11 +28,19 @@ from lotus_deploy.scope import DEFAULT_SCOPE
 DEFAULT_SWEEP: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(11))  # 0, 0.05, ..., 0.5
 PRIMARY = "scope"  # curve name of the `scope` field (the extra `scopes` are named by the user)
 
+CriterionName = Literal["magnitude", "wanda", "sparsegpt"]
+"""Pruning criteria by recipe name (:data:`lotus_deploy.prune.criteria.CRITERIA`; a test keeps both in step)."""
+Granularity = Literal["global", "per_layer", "per_row"]
+"""Where a sparsity is met exactly: over the whole scope, per weight tensor, or per output row
+(:mod:`lotus_deploy.prune.criteria`); sparsegpt takes global (each layer at the same fraction) or per_layer."""
+CALIBRATION_IMAGES = 256
+CALIBRATION_DOC = "train-split images (eval transform, class-balanced, seeded) whose Linear inputs calibrate wanda / sparsegpt (unused by magnitude)"
+
 STAGE_CONFIGS: Registry[type[StageConfig]] = Registry("stage kind")
 
 
 class EarlyBird(Strict):
-    """Early-bird ticket detection during fine-tuning (:mod:`lotus_deploy.early_bird`)."""
+    """Early-bird ticket detection during fine-tuning (:mod:`lotus_deploy.prune.early_bird`)."""
 
     sparsity: SparsityOrKnee = Field(description="sparsity of the tracked magnitude mask, or knee / knee_curvature from an essential_sparsity stage")
     scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="weights whose mask is tracked (global ranking)")
@@ -40,24 +50,42 @@ class EarlyBird(Strict):
     stop: bool = Field(False, description="stop training when the ticket is drawn (else only record it)")
 
 
+class Distill(Strict):
+    """Knowledge distillation (Hinton et al., 2015) from a frozen variant of the run.
+
+    loss = (1 - alpha) * label loss + alpha * T² * KL(softmax(teacher / T) || softmax(student / T)).
+    Defaults as SparseML's distillation examples (hardness 0.5, temperature 2).
+    """
+
+    teacher: str = Field("dense", description="finished variant that teaches: dense (the model before the first pruning stage), initial, or an earlier stage's name")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (0: labels only, 1: teacher only)")
+    temperature: float = Field(2.0, gt=0, description="softens both distributions; the KL term is scaled by T² so its gradients keep their size")
+
+
 class Finetune(StageConfig):
-    """AdamW with warm-up then cosine (or constant), evaluated every epoch."""
+    """AdamW with warm-up then cosine (or constant), evaluated every epoch.
+
+    Optimizer fields left unset take the recipe's ``train:`` section (:class:`~lotus_deploy.recipe.base.TrainConfig`).
+    """
 
     kind: Literal["finetune"] = "finetune"
     impl: ClassVar[str] = "lotus_deploy.stages.finetune"
     train: Literal["head", "all"] = Field("all", description="head: only the classifier trains; all: every parameter")
     epochs: float | None = Field(None, gt=0, description="epochs over the training split (fractions allowed)")
     steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate of the head (and of the backbone unless backbone_lr)")
-    backbone_lr: float | None = Field(None, gt=0, description="peak learning rate of everything but the head")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens)")
-    warmup: float = Field(0.1, ge=0, description="warm-up: a fraction of the steps if < 1, else a step count")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm")
-    batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
+    lr: float | None = Field(None, gt=0, description="peak learning rate of the head; default train.lr")
+    backbone_lr: float | None = Field(None, gt=0, description="peak learning rate of everything but the head; default train.backbone_lr, else lr * train.backbone_lr_scale")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (not on norms, biases, tokens); default train.weight_decay")
+    warmup: float | None = Field(None, ge=0, description="warm-up: a fraction of the steps if < 1, else a step count; default train.warmup")
+    schedule: Literal["cosine", "constant"] | None = Field(None, description="after warm-up; default train.schedule")
+    label_smoothing: float | None = Field(None, ge=0, lt=1, description="default train.label_smoothing")
+    grad_clip: float | None = Field(None, ge=0, description="clip the gradient norm to this (0: no clipping); default train.grad_clip")
+    batch_size: int | None = Field(None, gt=0, description="images per step; default train.batch_size, else data.batch_size")
     eval_every_epoch: bool = Field(True, description="evaluate after each epoch (else only at the end)")
     early_bird: EarlyBird | None = Field(None, description="detect the early-bird ticket; distances and early_bird_masks.safetensors in the stage directory")
+    distill: Distill | None = Field(None, description="distil from a finished variant of the run (default dense) while training")
+
+    train_fields: ClassVar[dict[str, str]] = {f: f for f in TRAIN_FIELDS}
 
     @model_validator(mode="after")
     def _length(self) -> "Finetune":
@@ -76,19 +104,35 @@ class Finetune(StageConfig):
 
 
 class MagnitudePrune(StageConfig):
-    """Zero the smallest-magnitude weights in scope (global ranking by default)."""
+    """One-shot prune of the weights in scope, by ``criterion`` (magnitude by default, global ranking).
+
+    The kind keeps its name ``magnitude_prune`` for the recipes that use it; ``criterion: wanda``
+    or ``sparsegpt`` makes it an activation-aware one-shot prune.
+    """
 
     makes_masks: ClassVar[bool] = True
 
     kind: Literal["magnitude_prune"] = "magnitude_prune"
     impl: ClassVar[str] = "lotus_deploy.stages.prune"
     sparsity: SparsityOrKnee = Field(description="fraction of the weights in scope to zero, in [0, 1), or knee / knee_curvature from an earlier essential_sparsity stage")
-    granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights together or per tensor")
+    granularity: Granularity = Field("global", description="rank all weights together, per tensor, or per output row (sparsegpt: global or per_layer)")
     scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to prune (scope grammar)")
+    criterion: CriterionName = Field("magnitude", description="magnitude: |W|; wanda: |W| x input-channel norm; sparsegpt: OBS with weight reconstruction")
+    calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
+
+    @model_validator(mode="after")
+    def _criterion_granularity(self) -> "MagnitudePrune":
+        _check_granularity([self.criterion], self.granularity)
+        return self
 
 
 class EssentialSparsity(StageConfig):
-    """One-shot magnitude sweep; knee = largest sparsity within ``tolerance`` points of dense."""
+    """One-shot sweep; ``knee`` = largest sparsity within ``tolerance`` points of dense, ``knee_curvature`` = Kneedle's.
+
+    One curve per scope and criterion: the ``knee_criterion``'s curves keep the scope names
+    (``scope``, the ``scopes`` keys), the others' are named ``<scope>/<criterion>``
+    (``scope/wanda``); knees, ``apply`` and later ``sparsity: knee`` stages use the former.
+    """
 
     kind: Literal["essential_sparsity"] = "essential_sparsity"
     impl: ClassVar[str] = "lotus_deploy.stages.sparsity"
@@ -101,10 +145,13 @@ class EssentialSparsity(StageConfig):
         default_factory=dict,
         description="more scope choices to sweep, name -> patterns; one curve each (a later stage uses the curve whose patterns equal its own scope)",
     )
-    granularity: Literal["global", "per_layer"] = Field("global", description="rank all weights in scope together or per tensor")
+    granularity: Granularity = Field("global", description="rank all weights in scope together, per tensor, or per output row (sparsegpt: global or per_layer)")
+    criteria: list[CriterionName] = Field(default_factory=lambda: ["magnitude"], min_length=1, description="criteria to sweep, one curve each per scope")
+    knee_criterion: CriterionName | None = Field(None, description="the criterion whose curves give the knees and `apply` (default the first of criteria)")
+    calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
     tolerance: float = Field(1.0, ge=0, description="allowed top-1 drop from dense at the knee, in accuracy points")
-    apply: Literal["none", "tolerance_knee", "curvature_knee"] = Field(
-        "none", description="none: the sweep only measures (model left dense); else prune `scope` at that knee",
+    apply: Literal["none", KneeWord] = Field(
+        "none", description="none: the sweep only measures (model left dense); knee / knee_curvature: prune `scope` at that knee",
     )
 
     @property
@@ -121,18 +168,33 @@ class EssentialSparsity(StageConfig):
     def _names(self) -> "EssentialSparsity":
         if PRIMARY in self.scopes:
             raise ValueError(f"scopes: the name {PRIMARY!r} is taken by the `scope` field's curve")
+        if len(set(self.criteria)) != len(self.criteria):
+            raise ValueError(f"criteria: {self.criteria} names a criterion twice")
+        if self.knee_criterion is not None and self.knee_criterion not in self.criteria:
+            raise ValueError(f"knee_criterion {self.knee_criterion!r} is not among criteria {self.criteria}")
+        _check_granularity(self.criteria, self.granularity)
         return self
+
+    @property
+    def knee_from(self) -> str:
+        """The criterion whose curves give the knees."""
+        return self.knee_criterion or self.criteria[0]
 
 
 class InstantSoup(StageConfig):
-    """Iterative soup of weak-learner masks down to ``sparsity``, then one-shot rest and fine-tune."""
+    """Iterative soup of weak-learner masks down to ``sparsity``, then one-shot rest and fine-tune.
+
+    Optimizer fields left unset take the recipe's ``train:`` section (``finetune_warmup`` its ``warmup``).
+    """
 
     makes_masks: ClassVar[bool] = True
 
     kind: Literal["instant_soup"] = "instant_soup"
     impl: ClassVar[str] = "lotus_deploy.stages.soup"
     sparsity: SparsityOrKnee = Field(description="target sparsity of the scope (fraction), or knee / knee_curvature")
-    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (global magnitude ranking)")
+    scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (global ranking by `criterion`)")
+    criterion: Literal["magnitude", "wanda"] = Field("magnitude", description="how learners (and the one-shot remainder) rank weights: magnitude, or wanda on each learner's own activations (sparsegpt is not offered: merged masks would drop its reconstructed weights)")
+    calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
     learners: int = Field(5, ge=1, description="weak learners per round (union_levels uses one)")
     data_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the training subset each learner trains on")
     learner_epochs: float = Field(1.0, gt=0, description="epochs over its fraction each learner trains")
@@ -147,23 +209,28 @@ class InstantSoup(StageConfig):
     max_rounds: int = Field(50, ge=1, description="safety cap on rounds (a warning is logged when hit)")
     main_fraction: float | None = Field(None, gt=0, le=1, description="fraction of the training subset the main model trains on each round; default data_fraction")
     main_epochs: float = Field(1.0, ge=0, description="epochs over its fraction the main model trains each round (0: no main training)")
-    lr: float = Field(1e-3, gt=0, description="learning rate of the head (and of the backbone unless backbone_lr), constant in rounds")
-    backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head")
+    lr: float | None = Field(None, gt=0, description="learning rate of the head, constant in rounds; default train.lr")
+    backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head; default train.backbone_lr, else lr * train.backbone_lr_scale")
     round_lr_scale: float = Field(
         1.0, gt=0, le=1, description="multiplies lr and backbone_lr while learners and the main model train in rounds; the final fine-tune uses them unscaled",
     )
-    weight_decay: float = Field(0.05, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    batch_size: int | None = Field(None, gt=0, description="default: data.batch_size")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay; default train.weight_decay")
+    label_smoothing: float | None = Field(None, ge=0, lt=1, description="default train.label_smoothing")
+    grad_clip: float | None = Field(None, ge=0, description="clip the gradient norm of learners, main model and fine-tune (0: no clipping); default train.grad_clip")
+    batch_size: int | None = Field(None, gt=0, description="images per step; default train.batch_size, else data.batch_size")
     prune_remainder: bool = Field(True, description="prune one-shot from the rounds' sparsity to the target (false: stop where the soup stopped)")
     finetune_epochs: float = Field(1.0, ge=0, description="final fine-tune over the training subset (cosine after warm-up)")
     finetune_steps: int | None = Field(None, ge=0, description="final fine-tune steps; overrides finetune_epochs")
-    finetune_warmup: float = Field(0.1, ge=0, description="final fine-tune warm-up: a fraction of its steps if < 1, else steps")
+    finetune_warmup: float | None = Field(None, ge=0, description="final fine-tune warm-up: a fraction of its steps if < 1, else steps; default train.warmup")
     budget_images: int | None = Field(
         None, gt=0, description="total images seen by learners, main model and fine-tune; the fine-tune gets the whole batches the rounds left (overrides its length)",
     )
     eval_rounds: bool = Field(True, description="evaluate every learner, the combined mask and the main model in each round (eval_images), and the model before the fine-tune (all eval images)")
     eval_images: int | None = Field(None, gt=0, description="round evaluations use N eval images evenly strided over the eval split (default all); the final one uses all")
+
+    train_fields: ClassVar[dict[str, str]] = {  # rounds: constant lr, no warm-up; the fine-tune: cosine
+        **{f: f for f in TRAIN_FIELDS if f not in ("warmup", "schedule")}, "finetune_warmup": "warmup",
+    }
 
     @model_validator(mode="after")
     def _levels(self) -> "InstantSoup":
@@ -217,6 +284,13 @@ class SemiStructured(StageConfig):
     scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers to make 2:4 (scope grammar); ineligible ones are skipped and reported")
     permute: bool = Field(False, description="search an input-channel permutation per layer first (timm Mlp fc2, Attention proj) to keep more magnitude")
     permute_seconds: float = Field(2.0, gt=0, description="time budget of the permutation search per layer (s)")
+    criterion: CriterionName = Field("magnitude", description="which 2 of every 4 stay: magnitude (|W|), wanda (|W| x input-channel norm) or sparsegpt (2:4 OBS with weight reconstruction); after any permutation")
+    calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
+
+
+def _check_granularity(criteria: list[str], granularity: str) -> None:
+    if granularity == "per_row" and "sparsegpt" in criteria:
+        raise ValueError("sparsegpt chooses its masks per column block of a layer: use granularity global or per_layer")
 
 
 class Bake(StageConfig):
@@ -232,6 +306,7 @@ class Bake(StageConfig):
 class Evaluate(StageConfig):
     kind: Literal["evaluate"] = "evaluate"
     impl: ClassVar[str] = "lotus_deploy.stages.evaluate"
+    changes_model: ClassVar[bool] = False
     scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="scope whose sparsity is reported")
 
 
@@ -240,6 +315,7 @@ class Export(StageConfig):
 
     kind: Literal["export"] = "export"
     impl: ClassVar[str] = "lotus_deploy.stages.export"
+    changes_model: ClassVar[bool] = False
 
 
 class Engine(StageConfig):
@@ -247,6 +323,7 @@ class Engine(StageConfig):
 
     kind: Literal["engine"] = "engine"
     impl: ClassVar[str] = "lotus_deploy.stages.engine"
+    changes_model: ClassVar[bool] = False
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="builder precision flag (ignored when strongly_typed)")
     sparse: Literal["auto", "on", "off"] = Field("auto", description="SPARSE_WEIGHTS: auto = on when the model has 2:4 Linear weights")
     min_batch: int = Field(1, ge=1, description="optimization profile: smallest batch (images)")
@@ -284,6 +361,7 @@ class Bench(StageConfig):
 
     kind: Literal["bench"] = "bench"
     impl: ClassVar[str] = "lotus_deploy.stages.bench"
+    changes_model: ClassVar[bool] = False
 
 
 

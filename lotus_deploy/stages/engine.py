@@ -66,7 +66,7 @@ def engine_for_state(cfg: Engine, state, out_dir: Path, warn=None) -> tuple[dict
             f"(agreement {100 * cmp['top1_agreement']:.1f}%, max|diff| {cmp['max_abs_diff']:.2e})"
         )
         drop = cmp["b"]["top1"] - cmp["a"]["top1"]
-        if cfg.max_top1_drop is not None and drop > cfg.max_top1_drop:
+        if cfg.max_top1_drop is not None and not drop <= cfg.max_top1_drop:  # NaN fails too
             raise EngineBuildError(f"the engine's top-1 is {drop:.2f} points below ONNX Runtime's (> max_top1_drop {cfg.max_top1_drop}); see {res.sidecar}")
     arts.update(engine=res.path, engine_json=res.sidecar, trt_build_log=res.log)
     out = {

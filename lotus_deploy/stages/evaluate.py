@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from lotus_deploy.recipe.stages import Evaluate
 from lotus_deploy.registry import register_stage
+from lotus_deploy.stages.common import mask_report
 
 
 @register_stage(Evaluate)
 def evaluate(cfg: Evaluate, state):
-    from lotus_deploy.stages.prune import mask_report
     from lotus_deploy.state import StageResult
 
     ev = state.evaluate(desc=state.stage_name)

@@ -27,7 +27,7 @@ def export_state(state, out_dir) -> tuple[dict, dict]:
     metrics = export_checked(model, path, images, opset=cfg.opset, dynamo=cfg.dynamo, tolerance=cfg.tolerance)
     two_four = (state.stage_metrics("semi_structured") or {}).get("two_four_layers")
     if two_four:  # fail (ExportError) if a layer made 2:4 is not 2:4 along K in the graph
-        from lotus_deploy.inspection import verify_export_two_four
+        from lotus_deploy.export.verify import verify_export_two_four
 
         metrics["two_four"] = verify_export_two_four(path, model, two_four, log=state.log.info)
     pre = {**input_spec(model).to_dict(), "classes": state.data.classes, "input": "input", "output": "logits"}

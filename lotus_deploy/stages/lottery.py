@@ -1,10 +1,12 @@
 """``lottery_finetune``: fine-tune on data lottery tickets with physical token dropping.
 
 A teacher (the model entering the stage, or a named variant of the run) scores every patch of
-every training image once (CLS attention, see :mod:`lotus_deploy.tickets`); the scores are cached
-in ``RUN/tickets/`` under a hash of the teacher weights, data, subset and transform, so a resumed
-run reuses them. The model then trains on the K best patches per image (plus CLS/registers): the
-transformer really runs on fewer tokens. Masks of earlier pruning stages stay enforced.
+every training image once (CLS attention, see :mod:`lotus_deploy.prune.tickets`); the scores are
+cached in ``RUN/tickets/`` under a hash of the teacher weights, data, subset and transform, so a
+resumed run reuses them. The model then trains on the K best patches per image (plus
+CLS/registers): the transformer really runs on fewer tokens. ``selection`` names a registered
+strategy (:data:`lotus_deploy.prune.tickets.SELECTIONS`: attention, or the random and full
+controls); K is resolved once from ``keep`` and passed on as an integer. Masks of earlier pruning stages stay enforced.
 Evaluation uses all patches; ``eval_tokens: ticket`` also evaluates on teacher-selected patches.
 
 Augmentation: cached scores belong to patch positions of the un-augmented image, so with
@@ -19,15 +21,19 @@ import math
 
 from lotus_deploy.recipe.stages import LotteryFinetune
 from lotus_deploy.registry import register_stage
-from lotus_deploy.stages.finetune import _early_bird_watch, run_training, write_history
+from lotus_deploy.stages.common import (
+    early_bird_watch,
+    finish_early_bird,
+    load_variant,
+    run_training,
+    train_settings,
+    write_history,
+)
 
 AUGMENT_NOTE = (
     "augmentation disabled: cached ticket scores belong to the patch positions of the un-augmented "
     "image, and random crop/flip would misalign scores and patches (use scoring: online to augment)"
 )
-
-
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -36,16 +42,7 @@ def _teacher(cfg: LotteryFinetune, state):
     """(teacher model, its name): a named variant of the run, or None for the model entering."""
     if cfg.teacher is None:
         return None, "entering"
-    from lotus_deploy.errors import RunError
-    from lotus_deploy.models import build_model
-    from lotus_deploy.run import load_checkpoint, variant_entries
-
-    entries = variant_entries(state.recipe, state.manifest)
-    if cfg.teacher not in entries:
-        raise RunError(f"{state.stage_name}: teacher {cfg.teacher!r} is not a finished variant of this run; have: {', '.join(entries)}")
-    model = build_model(state.recipe.model, with_weights=False)
-    load_checkpoint(state.run_dir, entries[cfg.teacher], model, state.device)
-    return model.eval(), cfg.teacher
+    return load_variant(state, cfg.teacher, "teacher")[0], cfg.teacher
 
 
 def _plain_train(state):
@@ -100,32 +97,26 @@ def _scores(cfg, state, teacher, dataset, split: str, block_ids: list[int]):
 
 
 class _OnlineForward:
-    """``forward(x, extra)`` that lets a frozen teacher pick each batch's tickets (augmentation allowed)."""
+    """``forward(x, extra)`` that lets a frozen teacher pick each batch's K tickets (augmentation allowed)."""
 
-    def __init__(self, cfg, model, teacher, block_ids, patches, seed):
+    def __init__(self, cfg, model, teacher, block_ids, patches: int, k: int, seed: int):
         import torch
 
-        self.cfg, self.model, self.teacher, self.block_ids, self.patches = cfg, model, teacher, block_ids, patches
+        from lotus_deploy.prune.tickets import SELECTIONS
+
+        self.cfg, self.model, self.teacher, self.block_ids, self.patches, self.k = cfg, model, teacher, block_ids, patches, k
+        self.selection = SELECTIONS[cfg.selection]
         self.g = torch.Generator().manual_seed(seed)
 
     def idx(self, x):
-        import torch
+        """Kept patch indices (B, K) of the batch ``x`` (B, 3, H, W), on ``x``'s device."""
+        from lotus_deploy.prune.tickets import cls_attention, patch_scores
 
-        from lotus_deploy.prune.tickets import (
-            cls_attention,
-            num_kept,
-            patch_scores,
-            top_k,
-        )
-
-        B = x.shape[0]
-        if self.cfg.selection == "full":
-            return torch.arange(self.patches, device=x.device).expand(B, -1)
-        k = num_kept(self.patches, self.cfg.keep_ratio)
-        if self.cfg.selection == "random":
-            return top_k(torch.rand(B, self.patches, generator=self.g), k).to(x.device)
-        rows = cls_attention(self.teacher, x, self.block_ids)  # (B, L, H, N)
-        return top_k(patch_scores(rows, self.teacher.num_prefix_tokens, self.cfg.sink), k)
+        scores = None
+        if self.selection.needs_teacher:
+            rows = cls_attention(self.teacher, x, self.block_ids)  # (B, L, H, N)
+            scores = patch_scores(rows, self.teacher.num_prefix_tokens, self.cfg.sink)  # (B, P)
+        return self.selection.pick(scores, x.shape[0], self.patches, self.k, self.g).to(x.device)
 
     def __call__(self, x, extra=None):
         from lotus_deploy.prune.tickets import forward_tokens
@@ -154,16 +145,18 @@ def show_indices(n_images: int, show: int) -> list[int]:
     return torch.linspace(0, n_images - 1, show).round().long().tolist() if show else []
 
 
-def ticket_figure(cfg: LotteryFinetune, teacher, dataset, state, seed: int, path, show: int, table=None):
+def ticket_figure(cfg: LotteryFinetune, teacher, dataset, state, seed: int, path, show: int, k: int, table=None):
     """tickets.png: ``show`` training images above their tickets (dropped patches grey).
 
     Args:
+        k: K, patches kept per image.
         table: the stage's (n, K) ticket table for ``dataset`` (epoch 1); None recomputes the
             shown images' tickets with ``teacher`` (or the seed for random selection).
     """
     import torch
 
     from lotus_deploy.prune.tickets import (
+        SELECTIONS,
         denormalize,
         num_patches,
         resolve_blocks,
@@ -179,14 +172,14 @@ def ticket_figure(cfg: LotteryFinetune, teacher, dataset, state, seed: int, path
     P = num_patches(model)
     if table is not None:
         idx = table[picks]
-    elif cfg.selection == "attention":
+    elif SELECTIONS[cfg.selection].needs_teacher:
         was = model.training
         model.eval()
         s = score_images(model, x.to(state.device), resolve_blocks(model, cfg.blocks), sinks=[cfg.sink])[cfg.sink].cpu()
         model.train(was)
-        idx = select_tickets(s, len(picks), P, cfg.keep_ratio, "attention")
+        idx = select_tickets(s, len(picks), P, k, cfg.selection)
     else:
-        idx = select_tickets(None, len(dataset), P, cfg.keep_ratio, cfg.selection, seed, 0)[picks]
+        idx = select_tickets(None, len(dataset), P, k, cfg.selection, seed, 0)[picks]
     classes = state.data.classes
     labels = [classes[int(it[1])] if int(it[1]) < len(classes) else str(int(it[1])) for it in items]
     spec = state.data.spec
@@ -205,6 +198,7 @@ def lottery_finetune(cfg: LotteryFinetune, state):
     from torch.utils.data import DataLoader
 
     from lotus_deploy.prune.tickets import (
+        SELECTIONS,
         TicketDataset,
         check_token_model,
         forward_tokens,
@@ -217,15 +211,17 @@ def lottery_finetune(cfg: LotteryFinetune, state):
     )
     from lotus_deploy.state import StageResult
 
+    cfg = train_settings(cfg, state)
     model = state.model
     check_token_model(model)
+    sel = SELECTIONS[cfg.selection]
     P, npre = num_patches(model), int(model.num_prefix_tokens)
-    K = P if cfg.selection == "full" else num_kept(P, cfg.keep_ratio)
+    K = num_kept(P, cfg.keep_ratio)  # resolved once (P for selection: full); every ticket table has K columns
     seed = state.seed()
     data = state.data
     bs = cfg.batch_size or data.cfg.batch_size
     named, teacher_name = _teacher(cfg, state)
-    needs_teacher = cfg.selection == "attention" or cfg.eval_tokens == "ticket"
+    needs_teacher = sel.needs_teacher or cfg.eval_tokens == "ticket"
     block_ids = resolve_blocks(named if named is not None else model, cfg.blocks) if needs_teacher else []
     metrics: dict = {
         "selection": cfg.selection, "keep": K / P, "kept_patches": K, "patches": P, "prefix_tokens": npre,
@@ -240,10 +236,10 @@ def lottery_finetune(cfg: LotteryFinetune, state):
     if cfg.eval_tokens == "ticket":
         ev = data.eval_dataset()
         es = None
-        if cfg.selection == "attention":
+        if sel.needs_teacher:
             es, _, _, _ = _scores(cfg, state, teacher, ev, "eval", block_ids)
             es = es[cfg.sink]
-        eval_table = select_tickets(es, len(ev), P, cfg.keep_ratio, cfg.selection, seed + 7, 0)
+        eval_table = select_tickets(es, len(ev), P, K, cfg.selection, seed + 7, 0)
 
     table0 = None
     if cfg.scoring == "cached":
@@ -255,11 +251,11 @@ def lottery_finetune(cfg: LotteryFinetune, state):
             metrics["augment"] = "none"
         scores = None
         metrics["scores_source"] = "none"
-        if cfg.selection == "attention":
+        if sel.needs_teacher:
             all_scores, source, path, secs = _scores(cfg, state, teacher, train_ds, "train", block_ids)
             scores = all_scores[cfg.sink]
             metrics.update(scores_source=source, scores_file=str(path.relative_to(state.run_dir)), score_seconds=secs)
-            ov = ticket_overlap(*(select_tickets(all_scores[s], len(train_ds), P, cfg.keep_ratio, "attention") for s in ("normalize", "exclude")))
+            ov = ticket_overlap(*(select_tickets(all_scores[s], len(train_ds), P, K, cfg.selection) for s in ("normalize", "exclude")))
             metrics["sink_shared"], metrics["sink_images_changed"] = ov["shared"], ov["images_changed"]
             state.log.info(
                 f"{state.stage_name}: sink normalize vs exclude: {100 * ov['shared']:.1f}% of kept patches shared, "
@@ -267,15 +263,15 @@ def lottery_finetune(cfg: LotteryFinetune, state):
             )
 
         def table(epoch: int):
-            return select_tickets(scores, len(train_ds), P, cfg.keep_ratio, cfg.selection, seed, epoch)
+            return select_tickets(scores, len(train_ds), P, K, cfg.selection, seed, epoch)
 
         table0 = table(0)
-        if cfg.selection == "attention":
-            rnd = select_tickets(None, len(train_ds), P, cfg.keep_ratio, "random", seed, 0)
+        if sel.needs_teacher:  # how far the teacher's tickets are from a random control's
+            rnd = select_tickets(None, len(train_ds), P, K, "random", seed, 0)
             metrics["random_shared"] = ticket_overlap(table0, rnd)["shared"]
 
         def make_loader(epoch: int):
-            t = table0 if epoch == 0 or cfg.selection != "random" else table(epoch)
+            t = table(epoch) if epoch > 0 and sel.redraws else table0
             return DataLoader(
                 TicketDataset(train_ds, t), batch_size=bs, shuffle=True,
                 generator=torch.Generator().manual_seed(seed + 1 + epoch), num_workers=data.cfg.workers,
@@ -289,21 +285,21 @@ def lottery_finetune(cfg: LotteryFinetune, state):
         train_ds = data.train
         metrics["augment"] = data.cfg.augment
         frozen = teacher
-        if cfg.selection == "attention" and named is None:
+        if sel.needs_teacher and named is None:
             frozen = copy.deepcopy(model).eval()
             for p in frozen.parameters():
                 p.requires_grad_(False)
-        forward = _OnlineForward(cfg, model, frozen, block_ids, P, seed)
+        forward = _OnlineForward(cfg, model, frozen, block_ids, P, K, seed)
         make_loader, steps_per_epoch = None, None
         metrics["scores_source"] = "online"
 
     if cfg.show:
         fig_teacher = named if named is not None else (frozen if cfg.scoring == "online" else model)
-        arts["tickets_png"] = ticket_figure(cfg, fig_teacher, train_ds if cfg.scoring == "cached" else _plain_train(state), state, seed, state.stage_dir / "tickets.png", cfg.show, table=table0)
+        arts["tickets_png"] = ticket_figure(cfg, fig_teacher, train_ds if cfg.scoring == "cached" else _plain_train(state), state, seed, state.stage_dir / "tickets.png", cfg.show, K, table=table0)
 
     if cfg.scoring == "cached":
         named = teacher = None  # every score is computed: free a named teacher before training
-    watch = _early_bird_watch(cfg, state) if cfg.early_bird is not None else None
+    watch = early_bird_watch(cfg, state) if cfg.early_bird is not None else None
     hooks = watch.hooks() if watch is not None else {}
     early_bird_epoch = hooks.pop("on_epoch", None)
 
@@ -318,7 +314,7 @@ def lottery_finetune(cfg: LotteryFinetune, state):
         f"({100 * metrics['token_fraction']:.0f}% of tokens), scoring {cfg.scoring}"
     )
     history, final = run_training(
-        cfg, state, forward=forward, make_loader=make_loader, steps_per_epoch=steps_per_epoch, on_epoch=on_epoch, **hooks
+        cfg, state, forward=forward, make_loader=make_loader, steps_per_epoch=steps_per_epoch, metrics=metrics, on_epoch=on_epoch, **hooks
     )
     arts["history"] = write_history(state, history)
     arts["curves_png"] = save_curves(history, state.stage_dir / "curves.png", f"{state.stage_name}: {cfg.selection}, keep {K}/{P} patches")
@@ -329,9 +325,7 @@ def lottery_finetune(cfg: LotteryFinetune, state):
     if "ticket_top1" in final:
         metrics.update(ticket_top1=final["ticket_top1"], ticket_top5=final["ticket_top5"], ticket_eval_loss=final["ticket_loss"])
     if watch is not None:
-        metrics["early_bird"], eb_arts = watch.finish(state.stage_dir)
-        metrics["early_bird"].update(steps_trained=history[-1]["step"] if history else 0, **watch.provenance)
-        arts.update(eb_arts)
+        finish_early_bird(watch, state, history, metrics, arts)
     return StageResult(metrics=metrics, artifacts=arts)
 
 
@@ -350,7 +344,9 @@ def show_run_tickets(run_dir, show: int, out=None, stage: str | None = None):
     from pathlib import Path
 
     from lotus_deploy.errors import RunError
+    from lotus_deploy.prune.tickets import num_kept, num_patches
     from lotus_deploy.run import Run, checkpoint_entry, load_checkpoint
+    from lotus_deploy.state import RunState
 
     run = Run(run_dir)
     found = [(i, s) for i, s in enumerate(run.recipe.stages) if s.kind == "lottery_finetune" and (stage is None or s.name == stage)]
@@ -358,7 +354,7 @@ def show_run_tickets(run_dir, show: int, out=None, stage: str | None = None):
         what = f"no lottery_finetune stage named {stage!r}" if stage else "no lottery_finetune stage"
         raise RunError(f"{run.dir}: recipe has {what}")
     i, cfg = found[-1]
-    state = run.state("initial", quiet=True)
+    state = RunState.from_run(run, "initial", quiet=True)
     state.stage_index, state.stage_name = i + 1, cfg.name
     if cfg.teacher is None:
         load_checkpoint(run.dir, checkpoint_entry(run.manifest, i - 1), state.model, state.device)
@@ -368,4 +364,5 @@ def show_run_tickets(run_dir, show: int, out=None, stage: str | None = None):
     seed = state.seed()
     out = Path(out) if out is not None else run.dir / "stages" / f"{i + 1:02d}_{cfg.name}" / f"tickets-{show}.png"
     ds = _plain_train(state)
-    return ticket_figure(cfg, teacher.eval(), ds, state, seed, out, show)
+    k = num_kept(num_patches(teacher), cfg.keep_ratio)
+    return ticket_figure(cfg, teacher.eval(), ds, state, seed, out, show, k)

@@ -1,4 +1,4 @@
-"""instant_soup: mask combination, ISP reaching its target, enforced masks, union_levels, resume."""
+"""The instant_soup stage: config, ISP reaching its target, union_levels, resume from a round checkpoint."""
 
 from __future__ import annotations
 
@@ -6,91 +6,17 @@ import copy
 import json
 
 import pytest
-import torch
 
-from lotus_deploy.masks import magnitude_masks, mask_sparsity, masks_hash
+from lotus_deploy.masks import mask_sparsity
+from lotus_deploy.prune.soup import ROUND_FILE
 from lotus_deploy.recipe.stages import InstantSoup
 from lotus_deploy.stages import soup
-from lotus_deploy.stages.soup import (
-    cap_sparsity,
-    combine_masks,
-    default_levels,
-    level_masks,
-    round_target,
-)
-
-# ----------------------------------------------------------------------------- pure parts
-
-
-def _m(*bits):
-    return {"w": torch.tensor(bits, dtype=torch.bool)}
-
-
-A, B, C = _m(1, 1, 0, 0, 1, 0), _m(1, 0, 1, 0, 1, 0), _m(0, 0, 1, 0, 1, 1)
-
-
-@pytest.mark.parametrize(
-    "sets, how, expected",
-    [
-        ((A, B, C), "union", (1, 1, 1, 0, 1, 1)),
-        ((A, B, C), "union_levels", (1, 1, 1, 0, 1, 1)),
-        ((A, B, C), "intersection", (0, 0, 0, 0, 1, 0)),
-        ((A, B, C), "vote", (1, 0, 1, 0, 1, 0)),  # kept by at least 2 of 3
-        ((A, B), "vote", (1, 0, 0, 0, 1, 0)),  # strict majority of 2 = both
-        ((A,), "vote", (1, 1, 0, 0, 1, 0)),
-        ((A, B, C, _m(1, 1, 1, 0, 0, 0)), "vote", (1, 0, 1, 0, 1, 0)),  # 3 of 4
-    ],
-    ids=["union", "union-levels", "intersection", "vote-3", "vote-2", "vote-1", "vote-4"],
-)
-def test_combine_semantics(sets, how, expected):
-    out = combine_masks(list(sets), how)
-    assert out["w"].tolist() == [bool(b) for b in expected]
-    assert all(s["w"].tolist() == before for s, before in zip(sets, [s["w"].tolist() for s in sets]))  # inputs untouched
-
-
-def test_combine_rejects_bad_input():
-    with pytest.raises(ValueError, match="different parameters"):
-        combine_masks([A, {"v": A["w"]}], "union")
-    with pytest.raises(ValueError, match="unknown combine"):
-        combine_masks([A], "average")
-
-
-@pytest.mark.parametrize("levels", [[0.3, 0.5, 0.7], [0.7, 0.3, 0.5], [0.45]], ids=["ascending", "shuffled", "single"])
-def test_union_levels_equals_least_sparse_mask(levels):
-    g = torch.Generator().manual_seed(0)
-    # integer magnitudes: many ties, which the stable ranking must still nest
-    weights = {"a": torch.randint(-5, 6, (40, 30), generator=g).float(), "b": torch.randint(-5, 6, (500,), generator=g).float()}
-    existing = magnitude_masks({k: torch.rand(v.shape, generator=g) for k, v in weights.items()}, 0.2)
-    sets = level_masks(weights, levels, existing)
-    order = sorted(range(len(levels)), key=lambda i: levels[i])
-    for lo, hi in zip(order, order[1:]):  # nested: a higher level keeps a subset of a lower one
-        assert all(bool((sets[lo][k] | ~sets[hi][k]).all()) for k in weights)
-    least = magnitude_masks(weights, min(levels), "global", existing)
-    assert masks_hash(combine_masks(sets, "union_levels")) == masks_hash(least)
-    assert mask_sparsity(combine_masks(sets, "union_levels")) == pytest.approx(min(levels), abs=1e-3)
-
-
-def test_round_target_and_levels():
-    assert round_target(0.0, 0.1, 0.6) == pytest.approx(0.1)
-    assert round_target(0.5, 0.1, 0.6) == pytest.approx(0.55)  # 10% of the remaining half
-    assert round_target(0.58, 0.1, 0.6) == 0.6  # capped at the target
-    assert default_levels(0.3, 0.6) == pytest.approx([0.4, 0.5, 0.6])
-
-
-def test_cap_sparsity_gives_back_largest_removed():
-    w = {"w": torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4])}
-    existing = {"w": torch.tensor([1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)}
-    combined = {"w": torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)}  # 6 of 8 removed
-    capped = cap_sparsity(combined, w, 0.5, existing)["w"]
-    # 4 removed: the existing one (0.2) and the smallest other removed ones (0.1, 0.3, 0.4)
-    assert capped.tolist() == [False, True, True, False, True, False, True, False]
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="only used with combine: union_levels"):
         InstantSoup(sparsity=0.6, levels=[0.5])
     assert InstantSoup(sparsity="knee").makes_masks
-
 
 
 @pytest.mark.parametrize("backbone_lr", [None, 3e-5], ids=["one-lr", "backbone-lr"])
@@ -102,31 +28,6 @@ def test_round_lr_scale_scales_rounds_only(backbone_lr):
     assert cfg.lr == 1e-3  # the config (and so the final fine-tune, which reads cfg.lr) is untouched
     with pytest.raises(ValueError):
         InstantSoup(sparsity=0.6, round_lr_scale=0)
-
-
-# ----------------------------------------------------------------------------- learners keep masks
-
-
-def test_learner_training_keeps_masks_enforced(micro_model):
-    from lotus_deploy.data import build_data
-    from lotus_deploy.models import input_spec
-    from lotus_deploy.recipe.base import DataConfig
-    from lotus_deploy.stages.prune import prune_masks
-    from lotus_deploy.train import TrainSpec
-
-    data = build_data(DataConfig(kind="digits", train_subset=100, eval_subset=50, augment="none"), input_spec(micro_model))
-    masks = prune_masks(micro_model, ["blocks.*"], 0.5, "global")
-    before = {k: p.detach().clone() for k, p in micro_model.named_parameters()}
-    spec = TrainSpec(epochs=1, lr=1e-2, warmup=0.0, schedule="constant", eval_every_epoch=False)
-    idx = soup.fraction_indices(len(data.train), 0.5, seed=3)
-    assert len(idx) == 50 and idx == soup.fraction_indices(len(data.train), 0.5, seed=3)
-    seen = soup.train_on_fraction(micro_model, data, idx, spec, seed=3, batch_size=16, device=torch.device("cpu"), masks=masks)
-    assert seen == 50
-    assert soup.violations(micro_model, masks) == 0
-    params = dict(micro_model.named_parameters())
-    for k, m in masks.items():
-        assert bool((params[k][~m] == 0).all())
-        assert not torch.equal(params[k][m], before[k][m])  # the kept weights did train
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -178,7 +79,7 @@ def test_isp_reaches_target(tiny_recipe_dict, tmp_path, combine):
     assert m["images_seen"]["finetune"] == 2 * 32
     stage_dir = run / "stages" / "03_instant_soup"
     assert (stage_dir / "rounds.csv").is_file() and (stage_dir / "rounds.png").is_file()
-    assert not (stage_dir / soup.ROUND_FILE).exists()  # the round checkpoint is removed when done
+    assert not (stage_dir / ROUND_FILE).exists()  # the round checkpoint is removed when done
 
 
 def test_intersection_overshoot_is_capped(tiny_recipe_dict, tmp_path):
@@ -234,7 +135,7 @@ def test_resume_in_the_middle_of_isp(tiny_recipe_dict, tmp_path, monkeypatch):
         compress(recipe, out=tmp_path / "crashed", quiet=True)
     entry = _soup_entry(tmp_path / "crashed")
     assert entry["status"] == "failed"
-    ckpt = tmp_path / "crashed" / "stages" / "03_instant_soup" / soup.ROUND_FILE
+    ckpt = tmp_path / "crashed" / "stages" / "03_instant_soup" / ROUND_FILE
     assert ckpt.is_file()
 
     monkeypatch.setattr(soup, "play_round", real)

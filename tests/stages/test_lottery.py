@@ -29,6 +29,9 @@ def _entry(run_dir, name):
     return next(e for e in read_json(run_dir / "manifest.json")["stages"] if e["name"] == name)
 
 
+K_CALLS: list[tuple[int, float]] = []  # num_kept calls during the pruned_run fixture's stage
+
+
 class _Recorder:
     """Wraps tickets.forward_tokens to record the kept-index shape of every call."""
 
@@ -79,8 +82,10 @@ def pruned_run(tmp_path_factory):
         augment="crop_flip",
     )
     out = tmp_path_factory.mktemp("runs") / "pruned"
+    num_kept = T.num_kept
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "forward_tokens", rec)
+        mp.setattr(T, "num_kept", lambda p, keep: K_CALLS.append((p, keep)) or num_kept(p, keep))
         compress(recipe, out=out, quiet=True)
     return out, rec.shapes
 
@@ -92,6 +97,10 @@ def test_training_runs_on_k_patch_tokens(pruned_run):
     assert m["token_fraction"] == pytest.approx(9 / 17)
     # 2 epochs of 48 images in batches of 16 (train) + 2 ticket evals of 32 images in batches of 16
     assert len(shapes) == 6 + 4 and all(s is not None and s[1] == 8 for s in shapes)
+
+
+def test_k_is_resolved_once_per_stage(pruned_run):
+    assert K_CALLS == [(16, 0.5)]  # every ticket table, ticket eval and figure reuse that K
 
 
 def test_masks_stay_enforced_and_weights_change(pruned_run):
@@ -244,7 +253,7 @@ def test_online_forward_picks_teacher_tickets():
     torch.manual_seed(0)
     m = build_model(ModelConfig(name="lotus_vit_micro_patch8_32", num_classes=10)).eval()
     x = torch.randn(3, 3, 32, 32)
-    fwd = _OnlineForward(cfg, m, m, [1], 16, seed=0)
+    fwd = _OnlineForward(cfg, m, m, [1], 16, T.num_kept(16, cfg.keep_ratio), seed=0)
     want = T.top_k(T.score_images(m, x, [1])["normalize"], 8)
     assert torch.equal(fwd.idx(x), want)
     torch.testing.assert_close(fwd(x), T.forward_tokens(m, x, want))

@@ -1,4 +1,4 @@
-"""The ``semi_structured`` stage: eligible layers made 2:4, others skipped and reported, export checked."""
+"""The ``semi_structured`` stage in a run: layers made 2:4, skips and permutation reported, export checked."""
 
 from __future__ import annotations
 
@@ -6,67 +6,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from lotus_deploy.export.onnx_export import ExportError
 from lotus_deploy.masks import apply_masks_
+from lotus_deploy.prune.semi_structured import semi_structured_masks
 from lotus_deploy.prune.two_four import is_two_four
-from lotus_deploy.stages.prune import prune_masks
-from lotus_deploy.stages.semi_structured import semi_structured_masks
 
 BLOCK_LINEARS = {f"blocks.{b}.{l}.weight" for b in (0, 1) for l in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
-
-
-class Odd(nn.Module):
-    """Block Linears of which only the first can use sparse kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(32, 64), nn.Linear(64, 20), nn.Linear(20, 32), nn.Conv2d(16, 16, 1)])
-
-
-def test_default_scope_makes_every_block_linear_two_four(micro_model):
-    masks, skipped = semi_structured_masks(micro_model, ["blocks.*"])
-    assert set(masks) == BLOCK_LINEARS and skipped == {}
-    params = dict(micro_model.named_parameters())
-    for n, m in masks.items():
-        assert is_two_four(params[n] * m, 1)
-        assert m.float().mean() == 0.5
-
-
-def test_ineligible_layers_are_skipped_with_the_reason():
-    masks, skipped = semi_structured_masks(Odd(), ["blocks.*"])
-    assert set(masks) == {"blocks.0.weight"}
-    assert skipped == {
-        "blocks.1.weight": "out_features 20 is not a multiple of 8",
-        "blocks.2.weight": "in_features 20 is not a multiple of 16",
-        "blocks.3.weight": "not an nn.Linear (Conv2d)",
-    }
-
-
-def test_scope_beyond_blocks_reports_head_and_non_weights(micro_model):
-    masks, skipped = semi_structured_masks(micro_model, ["blocks.*", "head", "cls_token", "patch_embed.proj"])
-    assert set(masks) == BLOCK_LINEARS
-    assert skipped["head.weight"] == "out_features 10 is not a multiple of 8"
-    assert skipped["patch_embed.proj.weight"] == "not an nn.Linear (Conv2d)"
-    assert "not a layer weight" in skipped["cls_token"]
-    with pytest.raises(ValueError, match="selects no"):
-        semi_structured_masks(micro_model, ["nothing.here"])
-
-
-@pytest.mark.parametrize("sparsity", [0.3, 0.7], ids=["unstructured30", "unstructured70"])
-def test_combines_with_an_earlier_unstructured_mask(micro_model, sparsity):
-    existing = prune_masks(micro_model, ["blocks.*"], sparsity, "global")
-    masks, _ = semi_structured_masks(micro_model, ["blocks.*"], existing)
-    for n, m in masks.items():
-        assert not (m & ~existing[n]).any()  # everything pruned before stays pruned
-        assert is_two_four(m, 1)
-    total = sum(m.numel() for m in masks.values())
-    zeros = sum(int((~m).sum()) for m in masks.values())
-    assert zeros / total >= max(0.5, sparsity)
-
-
-# ----------------------------------------------------------------------------- the stage in a run
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +79,15 @@ def test_export_stage_checked_every_two_four_layer_in_onnx(ss_run):
 def test_export_of_a_variant_before_the_stage_skips_the_check(ss_run, tmp_path):
     from lotus_deploy.run import Run
     from lotus_deploy.stages.export import export_state
+    from lotus_deploy.state import RunState
 
-    metrics, _ = export_state(Run(ss_run).state("dense", quiet=True), tmp_path)
+    metrics, _ = export_state(RunState.from_run(Run(ss_run), "dense", quiet=True), tmp_path)
     assert metrics["two_four"]["checked"] == 0 and "before the semi_structured stage" in metrics["two_four"]["skipped"]
 
 
 def test_export_check_fails_when_the_pattern_is_lost(micro_model, tmp_path):
     from lotus_deploy.export.onnx_export import export_onnx
-    from lotus_deploy.inspection import verify_export_two_four
+    from lotus_deploy.export.verify import verify_export_two_four
 
     masks, _ = semi_structured_masks(micro_model, ["blocks.*"])
     apply_masks_(micro_model, masks)

@@ -16,12 +16,12 @@ from lotus_deploy.export.onnx_export import (
     export_checked,
     export_onnx,
     onnx_weight_zeros,
-    ort_session,
     torch_weight_zeros,
 )
 from lotus_deploy.masks import apply_masks_
+from lotus_deploy.prune.magnitude import prune_masks
+from lotus_deploy.runtime import ort_session
 from lotus_deploy.scope import DEFAULT_SCOPE
-from lotus_deploy.stages.prune import prune_masks
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from lotus_deploy.recipe import (
     Recipe,
@@ -18,8 +19,6 @@ from lotus_deploy.recipe import (
     stage_fingerprint,
 )
 from lotus_deploy.recipe.stages import STAGE_CONFIGS
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def problems_of(raw: dict, overrides: list[str] | None = None) -> list:
@@ -48,14 +47,13 @@ def test_dump_writes_every_default(tiny_recipe):
     assert d["export"]["opset"] == 17 and d["export"]["tolerance"] == pytest.approx(1e-3)
     assert d["stages"][1] == {
         "kind": "magnitude_prune", "name": "magnitude_prune", "sparsity": 0.5, "granularity": "global", "scope": ["blocks.*"],
+        "criterion": "magnitude", "calibration_images": 256,
     }
     assert d["data"]["subset_seed"] == 0
 
 
-@pytest.mark.parametrize("path", ["recipes/demo.yaml", "recipes/cifar10.yaml"], ids=["demo", "cifar10"])
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_round_trip(path):
-    if not (ROOT / path).is_file():
-        pytest.skip(f"{path} not in this checkout")
     overrides = ["data.root=/nonexistent/cifar10"] if "cifar10" in path else []
     r = load_recipe(ROOT / path, overrides)
     assert parse_recipe(yaml.safe_load(dump_recipe(r))) == r

@@ -36,20 +36,62 @@ LOG = [
 ]
 
 
+# (TensorRT major, requested, ONNX precision, strongly typed asked) -> (strongly typed, precision flags, built)
+PLANS = [
+    (10, "fp32", "fp32", False, False, (), "fp32"),
+    (10, "fp16", "fp32", False, False, ("FP16",), "fp16"),  # weakly typed + flag on the fp32 ONNX
+    (10, "bf16", "fp32", False, False, ("BF16",), "bf16"),
+    (10, "fp16", "fp32", True, True, (), "fp32"),  # asked strongly typed: the ONNX decides
+    (10, "fp16", "fp16", False, True, (), "fp16"),  # converted ONNX: its types decide
+    (10, "int8", "int8", False, True, (), "int8"),  # explicit quantization: strongly typed, no INT8 flag
+    (10, "int8", "fp32", False, True, (), "fp32"),  # no Q/DQ: cannot be int8
+    (11, "fp32", "fp32", False, True, (), "fp32"),
+    (11, "fp16", "fp32", False, True, (), "fp32"),  # 11 has no FP16 flag: the fp32 ONNX builds fp32
+    (11, "fp16", "fp16", False, True, (), "fp16"),
+    (11, "bf16", "bf16", False, True, (), "bf16"),
+    (11, "int8", "int8", False, True, (), "int8"),
+    (11, "fp8", "fp8", False, True, (), "fp8"),
+]
+
+
+@pytest.mark.parametrize("major, requested, onnx, asked, typed, flags, built", PLANS,
+                         ids=[f"trt{p[0]}-{p[1]}-from-{p[2]}{'-asked-typed' if p[3] else ''}" for p in PLANS])
+def test_build_plan(major, requested, onnx, asked, typed, flags, built):
+    plan = trt.build_plan(major, requested, onnx, strongly_typed=asked, sparse=True)
+    assert (plan.strongly_typed, plan.flags, plan.built) == (typed, flags + ("SPARSE_WEIGHTS",), built)
+    if built == requested:
+        assert plan.warning is None
+    else:
+        assert f"{requested} was asked for but the ONNX holds {onnx}" in plan.warning and f"--precision {requested}" in plan.warning
+    assert "SPARSE_WEIGHTS" not in trt.build_plan(major, requested, onnx, asked, sparse=False).flags
+    assert "SPARSE_WEIGHTS" in trt.build_plan(major, requested, onnx, asked, sparse=None).flags  # auto = on
+
+
+def test_build_plan_rejects():
+    with pytest.raises(ValueError, match="TensorRT 8.x is not supported"):
+        trt.build_plan(8, "fp16", "fp32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        trt.build_plan(10, "int4", "fp32")
+
+
 @pytest.mark.parametrize(
-    "spec, present, absent",
+    "major, requested, onnx, asked, present, absent",
     [
-        (BuildSpec(precision="fp16", sparse=True), ["--fp16", "--sparsity=enable"], ["--stronglyTyped", "--bf16"]),
-        (BuildSpec(precision="bf16", sparse=False), ["--bf16", "--sparsity=disable"], ["--fp16"]),
-        (BuildSpec(precision="fp32"), ["--sparsity=enable"], ["--fp16", "--bf16"]),  # sparse None = auto -> enabled
-        (BuildSpec(precision="fp16", strongly_typed=True, sparse=True), ["--stronglyTyped"], ["--fp16"]),
+        (10, "fp16", "fp32", False, ["--fp16", "--sparsity=enable"], ["--stronglyTyped", "--bf16"]),
+        (10, "bf16", "fp32", False, ["--bf16", "--sparsity=enable"], ["--fp16", "--stronglyTyped"]),
+        (10, "fp32", "fp32", False, ["--sparsity=enable"], ["--fp16", "--bf16", "--stronglyTyped"]),
+        (10, "fp16", "fp32", True, ["--stronglyTyped"], ["--fp16"]),
+        (10, "int8", "int8", False, ["--stronglyTyped", "--sparsity=enable"], ["--int8", "--fp16"]),
+        (11, "fp16", "fp16", False, ["--sparsity=enable"], ["--stronglyTyped", "--fp16", "--bf16"]),
+        (11, "fp16", "fp32", False, ["--sparsity=enable"], ["--stronglyTyped", "--fp16"]),
+        (11, "int8", "int8", True, ["--sparsity=enable"], ["--stronglyTyped", "--int8"]),
     ],
-    ids=["fp16-sparse", "bf16-dense", "fp32-auto", "strongly-typed"],
+    ids=["10-fp16-flag", "10-bf16-flag", "10-fp32", "10-asked-typed", "10-int8-qdq", "11-fp16", "11-fp16-from-fp32", "11-int8"],
 )
-def test_trtexec_command(tmp_path, spec, present, absent):
-    spec.timing_cache = tmp_path / "timing.cache"
-    spec.min_batch, spec.opt_batch, spec.max_batch = 1, 8, 64
-    cmd = trtexec_command(tmp_path / "model.onnx", tmp_path / "model.plan", "input", (3, 224, 224), spec)
+def test_trtexec_command(tmp_path, major, requested, onnx, asked, present, absent):
+    spec = BuildSpec(precision=requested, sparse=True, strongly_typed=asked, min_batch=1, opt_batch=8, max_batch=64, timing_cache=tmp_path / "timing.cache")
+    plan = trt.build_plan(major, requested, onnx, asked, spec.sparse)
+    cmd = trtexec_command(tmp_path / "model.onnx", tmp_path / "model.plan", "input", (3, 224, 224), spec, plan=plan)
     args = cmd.split()
     assert args[0] == "trtexec"
     for a in ["--onnx=model.onnx", "--saveEngine=model.plan", "--minShapes=input:1x3x224x224", "--optShapes=input:8x3x224x224",
@@ -57,6 +99,22 @@ def test_trtexec_command(tmp_path, spec, present, absent):
         assert a in args, (a, cmd)
     for a in absent:
         assert a not in args
+    off = trt.build_plan(major, requested, onnx, asked, sparse=False)
+    assert "--sparsity=disable" in trtexec_command(tmp_path / "model.onnx", tmp_path / "model.plan", "input", (3, 8, 8), spec, plan=off)
+
+
+@pytest.mark.skipif(trt.installed_major() is not None, reason="tensorrt is installed: the default plan follows its version")
+def test_trtexec_command_default_is_tensorrt_11_from_the_onnx_types(tmp_path, micro_model):
+    """Without tensorrt here the script is written for 11 (what pip installs) and reads the ONNX's precision."""
+    import torch
+
+    from lotus_deploy.export.onnx_export import export_onnx
+
+    assert trt.onnx_file_precision(tmp_path / "absent.onnx") == "fp32"
+    assert trt.DEFAULT_MAJOR == 11 and trt.trt_major("11.4.0.1") == 11 and trt.trt_major("10.13.3") == 10
+    onnx_path = export_onnx(micro_model, tmp_path / "model.onnx", torch.zeros(1, 3, 32, 32))
+    cmd = trtexec_command(onnx_path, tmp_path / "model.plan", "input", (3, 32, 32), BuildSpec(precision="fp16"))
+    assert "--fp16" not in cmd and "--stronglyTyped" not in cmd and "--sparsity=enable" in cmd
 
 
 def test_trtexec_script_paths(tmp_path):
@@ -69,7 +127,7 @@ def test_trtexec_script_paths(tmp_path):
     assert text.startswith("#!/usr/bin/env bash") and 'cd "$(dirname "$0")"' in text and cmd in text
 
 
-@pytest.mark.parametrize("bad", [dict(min_batch=4, opt_batch=2), dict(opt_batch=64, max_batch=32), dict(precision="int8")])
+@pytest.mark.parametrize("bad", [dict(min_batch=4, opt_batch=2), dict(opt_batch=64, max_batch=32), dict(precision="int4")])
 def test_build_spec_rejects(bad):
     with pytest.raises(ValueError):
         BuildSpec(**bad)
@@ -159,6 +217,7 @@ def test_engine_stage_skip_and_fail(tiny_recipe_dict, tmp_path):
     from lotus_deploy.recipe.stages import Engine
     from lotus_deploy.run import Run
     from lotus_deploy.stages.engine import engine
+    from lotus_deploy.state import RunState
 
     raw = copy.deepcopy(tiny_recipe_dict)
     raw["stages"] = [{"kind": "engine", "if_unavailable": "skip", "max_batch": 16}]
@@ -171,7 +230,7 @@ def test_engine_stage_skip_and_fail(tiny_recipe_dict, tmp_path):
     assert entry["metrics"] == {"skipped": TRT_MISSING}
     assert set(entry["artifacts"]) == {"onnx", "preprocess", "trtexec"}
     assert "--maxShapes=input:16x3x32x32" in (run_dir / "engine" / "trtexec.sh").read_text()
-    state = Run(run_dir).state(quiet=True)
+    state = RunState.from_run(Run(run_dir), quiet=True)
     with pytest.raises(RunError, match="pip install tensorrt"):
         engine(Engine(), state)
 
@@ -204,7 +263,7 @@ def test_build_engine_runs_and_matches_onnxruntime(tiny_run, tmp_path, precision
     spec = BuildSpec(precision=precision, sparse=True, min_batch=1, opt_batch=4, max_batch=8, timing_cache=work / "timing.cache", workspace_mib=512)
     res = trt.build_engine(work / "model.onnx", work / "model.plan", spec, preprocess=pre, two_four_layers=[])
     info = json.loads(res.sidecar.read_text())
-    for key in ("tensorrt", "gpu", "compute_capability", "flags", "profiles", "build_s", "sha256", "io", "preprocess", "trtexec", "sparsity"):
+    for key in ("tensorrt", "precision", "gpu", "compute_capability", "flags", "profiles", "build_s", "sha256", "io", "preprocess", "trtexec", "sparsity"):
         assert key in info, key
     assert info["profiles"]["input"]["max"] == [8, 3, 32, 32] and (work / "timing.cache").stat().st_size > 0
     assert res.log.read_text().strip() and res.trtexec.is_file()
@@ -223,3 +282,28 @@ def test_build_engine_runs_and_matches_onnxruntime(tiny_run, tmp_path, precision
     cfg = write_repository(res.path, tmp_path / "repo", "tiny")
     assert 'platform: "tensorrt_plan"' in cfg.read_text() and (cfg.parent / "1" / "model.plan").is_file()
 
+
+
+@pytest.mark.trt
+@skip_without_trt
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_build_engine_from_converted_onnx(tiny_run, tmp_path, precision):
+    """The engine computes in the converted ONNX's precision on TensorRT 10 and 11 (sidecar says so)."""
+    from lotus_deploy.export.precision import missing_packages, precision_for_state
+    from lotus_deploy.run import Run
+    from lotus_deploy.runtime import compare, load
+    from lotus_deploy.state import RunState
+
+    if missing_packages():
+        pytest.skip(f"needs the `precision` extra: {missing_packages()} missing")
+    for f in ("model.onnx", "preprocess.json"):
+        (tmp_path / f).write_bytes((tiny_run / "export" / f).read_bytes())
+    state = RunState.from_run(Run(tiny_run), quiet=True)
+    _, arts = precision_for_state(state, tmp_path / "model.onnx", precision)
+    spec = BuildSpec(precision=precision, sparse=True, min_batch=1, opt_batch=4, max_batch=8, workspace_mib=512)
+    res = trt.build_engine(arts[f"onnx_{precision}"], tmp_path / f"model.{precision}.plan", spec, two_four_layers=[])
+    info = json.loads(res.sidecar.read_text())
+    assert info["precision"]["built"] == precision and info["precision"]["warning"] is None
+    assert info["precision"]["strongly_typed"] is True and "--fp16" not in info["trtexec"]
+    out = compare(load(res.path), load(tmp_path / "model.onnx", providers=["CPUExecutionProvider"]), state.data.eval_loader(batch_size=8))
+    assert out["top1_agreement"] >= 0.95

@@ -1,6 +1,8 @@
-"""Attention scores from qkv, ticket selection and the token-dropping forward (lotus_deploy.tickets)."""
+"""Attention scores from qkv, ticket selection strategies and the token-dropping forward (lotus_deploy.prune.tickets)."""
 
 from __future__ import annotations
+
+import typing
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from lotus_deploy.models import build_model
 from lotus_deploy.prune import tickets as T
 from lotus_deploy.recipe.base import ModelConfig
+from lotus_deploy.recipe.stages import LotteryFinetune
 
 VARIANTS = {
     "plain": {},
@@ -132,26 +135,59 @@ def test_num_kept(patches, keep, k):
 @pytest.mark.parametrize("selection", T.SELECTIONS)
 def test_tickets_have_fixed_k_sorted_unique_indices(selection):
     scores = torch.rand(20, 16, generator=torch.Generator().manual_seed(0))
-    t = T.select_tickets(scores, 20, 16, 0.7, selection, seed=3)
-    k = 16 if selection == "full" else 12
+    k = 16 if selection == "full" else T.num_kept(16, 0.7)  # 12
+    t = T.select_tickets(scores, 20, 16, k, selection, seed=3)
     assert t.shape == (20, k) and t.dtype == torch.long
     assert bool((t[:, 1:] > t[:, :-1]).all()) and int(t.min()) >= 0 and int(t.max()) < 16
 
 
+def test_every_selection_value_has_a_strategy():
+    values = typing.get_args(LotteryFinetune.model_fields["selection"].annotation)
+    assert set(values) == set(T.SELECTIONS)
+    assert all(T.SELECTIONS[v].name == v for v in values)
+    assert [v for v in values if T.SELECTIONS[v].needs_teacher] == ["attention"]
+    assert [v for v in values if T.SELECTIONS[v].redraws] == ["random"]
+
+
+def test_selection_registry_refuses_duplicates():
+    with pytest.raises(KeyError, match="already registered"):
+        T.SELECTIONS.add("random", T.FullSelection())
+    assert isinstance(T.SELECTIONS["random"], T.RandomSelection)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        T.select_tickets(None, 4, 16, 8, "best")
+
+
+@pytest.mark.parametrize("keep,want", [(0.9, 15), (0.7, 12), (0.5, 8), (1.0, 16)])
+def test_k_is_resolved_once_and_passed_as_an_integer(keep, want):
+    k = T.num_kept(16, keep)
+    assert isinstance(k, int) and k == want
+    for selection in ("attention", "random"):
+        assert T.select_tickets(torch.rand(3, 16), 3, 16, k, selection).shape == (3, k)
+    for bad in (keep, 0, 17):  # a fraction is not a K
+        with pytest.raises(ValueError, match="k must be an int"):
+            T.select_tickets(None, 3, 16, bad, "random")
+
+
+def test_random_tickets_equal_the_seeded_random_scores():
+    g = T.ticket_generator(5, 2)
+    assert torch.equal(T.select_tickets(None, 10, 16, 8, "random", seed=5, epoch=2), T.top_k(T.random_scores(10, 16, 5, 2), 8))
+    assert torch.equal(T.SELECTIONS["random"].pick(None, 10, 16, 8, g), T.top_k(T.random_scores(10, 16, 5, 2), 8))
+
+
 def test_attention_tickets_are_the_top_scores():
     scores = torch.rand(8, 16, generator=torch.Generator().manual_seed(0))
-    t = T.select_tickets(scores, 8, 16, 0.5, "attention")
+    t = T.select_tickets(scores, 8, 16, 8, "attention")
     kept = torch.zeros(8, 16, dtype=torch.bool).scatter_(1, t, True)
     assert bool((scores[kept].view(8, 8).min(1).values > scores[~kept].view(8, 8).max(1).values).all())
 
 
 def test_random_tickets_seeded_per_epoch_and_differ_from_attention():
     scores = torch.rand(50, 16, generator=torch.Generator().manual_seed(0))
-    att = T.select_tickets(scores, 50, 16, 0.5, "attention")
-    r0 = T.select_tickets(None, 50, 16, 0.5, "random", seed=5, epoch=0)
-    assert torch.equal(r0, T.select_tickets(None, 50, 16, 0.5, "random", seed=5, epoch=0))
-    assert not torch.equal(r0, T.select_tickets(None, 50, 16, 0.5, "random", seed=5, epoch=1))
-    assert not torch.equal(r0, T.select_tickets(None, 50, 16, 0.5, "random", seed=6, epoch=0))
+    att = T.select_tickets(scores, 50, 16, 8, "attention")
+    r0 = T.select_tickets(None, 50, 16, 8, "random", seed=5, epoch=0)
+    assert torch.equal(r0, T.select_tickets(None, 50, 16, 8, "random", seed=5, epoch=0))
+    assert not torch.equal(r0, T.select_tickets(None, 50, 16, 8, "random", seed=5, epoch=1))
+    assert not torch.equal(r0, T.select_tickets(None, 50, 16, 8, "random", seed=6, epoch=0))
     ov = T.ticket_overlap(att, r0)
     assert ov["images_changed"] > 0.9 and ov["shared"] < 0.75  # chance level is 0.5
     assert T.ticket_overlap(att, att) == {"shared": 1.0, "images_changed": 0.0}
@@ -161,15 +197,15 @@ def test_drop_frequency_counts_dropped_positions():
     table = torch.tensor([[0, 1], [0, 2], [0, 3]])  # P = 4, K = 2: patch 0 always kept
     f = T.drop_frequency(table, 4)
     assert torch.allclose(f, torch.tensor([0.0, 2 / 3, 2 / 3, 2 / 3]))
-    r = T.select_tickets(None, 50, 16, 0.75, "random", seed=1)
+    r = T.select_tickets(None, 50, 16, 12, "random", seed=1)
     assert T.drop_frequency(r, 16).mean().item() == pytest.approx(1 - 12 / 16)
 
 
 def test_attention_selection_needs_matching_scores():
     with pytest.raises(ValueError):
-        T.select_tickets(None, 4, 16, 0.5, "attention")
+        T.select_tickets(None, 4, 16, 8, "attention")
     with pytest.raises(ValueError):
-        T.select_tickets(torch.rand(4, 9), 4, 16, 0.5, "attention")
+        T.select_tickets(torch.rand(4, 9), 4, 16, 8, "attention")
 
 
 # ----------------------------------------------------------------------------- token-dropping forward
@@ -179,10 +215,10 @@ def test_attention_selection_needs_matching_scores():
 def test_gather_with_keep_one_equals_the_normal_forward(variant):
     m = _model(VARIANTS[variant])
     x = _images()
-    idx = T.select_tickets(None, 6, 16, 1.0, "full")
+    idx = T.select_tickets(None, 6, 16, 16, "full")
     torch.testing.assert_close(T.forward_tokens(m, x, idx), m(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(T.forward_tokens(m, x, None), m(x), rtol=1e-5, atol=1e-5)
-    idx_keep1 = T.select_tickets(torch.rand(6, 16), 6, 16, 1.0, "attention")  # K = P, in order
+    idx_keep1 = T.select_tickets(torch.rand(6, 16), 6, 16, 16, "attention")  # K = P, in order
     torch.testing.assert_close(T.forward_tokens(m, x, idx_keep1), m(x), rtol=1e-5, atol=1e-5)
 
 
@@ -192,7 +228,7 @@ def test_blocks_run_on_prefix_plus_k_tokens(variant, keep):
     m = _model(VARIANTS[variant])
     npre = m.num_prefix_tokens
     x = _images(4)
-    idx = T.select_tickets(None, 4, 16, keep, "random", seed=0)
+    idx = T.select_tickets(None, 4, 16, T.num_kept(16, keep), "random", seed=0)
     K = idx.shape[1]
     inputs = []
     hs = [b.register_forward_pre_hook(lambda _m, a: inputs.append(a[0].detach())) for b in m.blocks]
@@ -208,7 +244,7 @@ def test_blocks_run_on_prefix_plus_k_tokens(variant, keep):
 
 def test_token_forward_trains():
     m = _model({}).train()
-    x, idx = _images(4), T.select_tickets(None, 4, 16, 0.5, "random")
+    x, idx = _images(4), T.select_tickets(None, 4, 16, 8, "random")
     T.forward_tokens(m, x, idx).sum().backward()
     assert m.pos_embed.grad is not None and m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
@@ -280,7 +316,7 @@ def test_grey_dropped_greys_exactly_the_dropped_patches():
 
 def test_ticket_grid_and_curves_png_written(tmp_path):
     img = torch.rand(5, 3, 32, 32)
-    p = T.save_ticket_grid(img, T.select_tickets(None, 5, 16, 0.5, "random"), (4, 4), tmp_path / "t.png", "title", list("abcde"))
+    p = T.save_ticket_grid(img, T.select_tickets(None, 5, 16, 8, "random"), (4, 4), tmp_path / "t.png", "title", list("abcde"))
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     hist = [{"epoch": 1, "train_acc": 10.0, "train_loss": 2.3, "eval_top1": 12.0, "eval_loss": 2.2, "eval_ticket_top1": 11.0, "eval_ticket_loss": 2.25},
             {"epoch": 2, "train_acc": 20.0, "train_loss": 2.0, "eval_top1": 22.0, "eval_loss": 2.0, "eval_ticket_top1": 21.0, "eval_ticket_loss": 2.1}]

@@ -110,6 +110,7 @@ def test_onnx_repository(tiny_run, tmp_path):
     (db,) = cfg["dynamic_batching"]
     assert db["preferred_batch_size"] == [4, 8, 16, 32] and db["max_queue_delay_microseconds"] == [100]
     assert "instance_group" not in cfg  # ONNX: Triton picks CPU or GPU
+    assert cfg["parameters"] == [{"key": ["precision"], "value": [{"string_value": ["fp32"]}]}]  # from the ONNX's types
     assert _sha(tmp_path / name / "1" / "model.onnx") == _sha(onnx_path)
     labels = (tmp_path / name / out["label_filename"][0]).read_text().splitlines()
     assert labels == json.loads((onnx_path.parent / "preprocess.json").read_text())["classes"]
@@ -137,14 +138,22 @@ def test_plan_repository_reads_the_engine_sidecar(tmp_path):
                {"name": "logits", "mode": "output", "dtype": "FLOAT", "shape": [-1, 100]}],
         "profiles": {"input": {"min": [1, 3, 224, 224], "opt": [8, 3, 224, 224], "max": [64, 3, 224, 224]}},
         "preprocess": {"classes": [f"c{i}" for i in range(100)]},
+        "precision": {"requested": "int8", "onnx": "int8", "built": "int8", "strongly_typed": True, "warning": None},
     }
     (tmp_path / "e" / "model.plan.json").write_text(json.dumps(side))
     cfg = parse_pbtxt(write_repository(plan, tmp_path / "repo", "vit").read_text())
     assert cfg["platform"] == ["tensorrt_plan"] and cfg["max_batch_size"] == [64]
     assert cfg["input"][0]["dims"] == [3, 224, 224] and cfg["output"][0]["dims"] == [100]
     assert cfg["instance_group"][0]["kind"] == ["KIND_GPU"]
+    assert cfg["parameters"][0]["value"] == [{"string_value": ["int8"]}]  # the precision the engine was built in
     assert (tmp_path / "repo" / "vit" / "1" / "model.plan").read_bytes() == b"serialized engine bytes"
     assert len((tmp_path / "repo" / "vit" / "labels.txt").read_text().splitlines()) == 100
+    side["io"][0]["dtype"] = "INT32"
+    (tmp_path / "e" / "model.plan.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="no Triton data type for model I/O of element type 'INT32'"):
+        write_repository(plan, tmp_path / "repo", "vit")
+    side["io"][0]["dtype"] = "FLOAT"
+    (tmp_path / "e" / "model.plan.json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match="exceeds the engine's profile maximum 64"):
         write_repository(plan, tmp_path / "repo", "vit", max_batch_size=128)
     (tmp_path / "e" / "model.plan.json").unlink()

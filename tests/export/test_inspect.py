@@ -16,15 +16,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lotus_deploy.export.onnx_export import ExportError, export_onnx
-from lotus_deploy.inspection import (
-    format_report,
-    inspect_onnx,
-    inspect_path,
-    onnx_weights,
-    verify_onnx_two_four,
-)
+from lotus_deploy.export.verify import onnx_weights, verify_onnx_two_four
+from lotus_deploy.inspection import format_report, inspect_onnx, inspect_path
 from lotus_deploy.masks import apply_masks_
-from lotus_deploy.stages.semi_structured import semi_structured_masks
+from lotus_deploy.prune.semi_structured import semi_structured_masks
 
 # 8x8, 2:4 along axis 1 (columns 0 and 1 of every group kept), dense along axis 0.
 ROWS24 = np.tile(np.array([1.0, 2.0, 0.0, 0.0], dtype=np.float32), (8, 2)) * np.arange(1, 9, dtype=np.float32)[:, None]
@@ -95,6 +90,35 @@ def test_only_constant_initializers_count():
     rows, _ = onnx_weights(one_op_model("MatMul", ROWS24.T, as_input=True))
     (row, _), = rows
     assert row["constant"] is False and row["two_four"] is None  # overridable at run time: not judged
+
+
+def dq_matmul_model(q: np.ndarray, zero_point: np.ndarray) -> onnx.ModelProto:
+    """MatMul B = DequantizeLinear(int8 ``q`` [K, N], per-output-channel scale and ``zero_point``, axis 1)."""
+    k, n = q.shape
+    inits = [numpy_helper.from_array(q.astype(np.int8), "Wq"), numpy_helper.from_array(np.full(n, 0.1, np.float32), "scale"),
+             numpy_helper.from_array(zero_point.astype(np.int8), "zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "scale", "zp"], ["W"], axis=1), helper.make_node("MatMul", ["X", "W"], ["Y"], name="/mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, n])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_quantized_weights_are_judged_on_q_minus_zero_point(tmp_path):
+    """An int8 weight behind DequantizeLinear is a layer; its zeros are where q equals the zero point."""
+    q = ROWS24.T.astype(np.int8)  # (K=8, N=8), 2:4 along K with zero point 0
+    (row, a), = onnx_weights(dq_matmul_model(q, np.zeros(8)))[0]
+    assert (row["name"], row["dtype"], row["via"], row["axis"], row["two_four"]) == ("Wq", "int8", ["DequantizeLinear"], 0, True)
+    zp = np.arange(8) % 3  # per output channel (axis 1)
+    (row, _), = onnx_weights(dq_matmul_model(q + zp[None, :], zp))[0]  # same dequantized zeros
+    assert row["two_four"] is True and row["nonzeros"] == int(np.count_nonzero(q))
+    (row, _), = onnx_weights(dq_matmul_model(q, np.full(8, 1)))[0]  # q == 0 is -scale now: dense
+    assert row["two_four"] is False
+    path = tmp_path / "q.onnx"
+    onnx.save(dq_matmul_model(q, np.zeros(8)), path)
+    rep = inspect_path(path)
+    assert rep["two_four_layers"] == 1 and rep["totals"]["nonzeros"] == int(np.count_nonzero(q)) + 8  # weight + scales
 
 
 def test_inspect_onnx_on_hand_built_graph(tmp_path):
