@@ -12,8 +12,9 @@
 #   pytest          150 s pytest -m "gpu or trt" (2:4 torch kernels, TensorRT 10/11 builds, fp16/int8 engines)
 #   gemm_24          60 s benchmarks/gemm_24.py: dense vs 2:4 fp16 GEMM at ViT-S/B MLP shapes
 #   run_2to4         90 s a finished 2:4 run: ViT-S/16 (random init) on digits at 224 px, 2:4 + recover + export
-#   bench           150 s lotus bench of that run (dense and final) on every CUDA backend registered
-#                         (torch fp32/fp16/bf16, torch 2:4, ONNX Runtime CUDA/TensorRT, TensorRT engine);
+#   bench           150 s lotus bench of that run (dense and final) on every default CUDA backend
+#                         (torch fp32/fp16/bf16, torch 2:4, ONNX Runtime CUDA/TensorRT, TensorRT fp16 engine;
+#                         not torch.compile nor the tensorrt_<precision> engines: each is one more build);
 #                         the ones not available here are listed with the reason
 #   export_int8     rest  lotus export --precision int8 --trt: Q/DQ ONNX, then a strongly typed engine
 #
@@ -116,7 +117,7 @@ YAML
 
 bench() {
   local backends
-  backends=$("$PY" -c "from lotus_deploy.bench.backends import BACKENDS; print(','.join(n for n, b in BACKENDS.items() if b.device == 'cuda' and 'compile' not in n))")
+  backends=$("$PY" -c "from lotus_deploy.bench.backends import BACKENDS; print(','.join(n for n, b in BACKENDS.items() if b.device == 'cuda' and b.default))")
   echo "backends: $backends"
   "$PY" -m lotus_deploy.cli bench "$RUN" --backends "$backends" --variants dense,final --batch 1,8,64 --iters 50 --warmup 10 --out "$WORK/bench"
   local rc=$?

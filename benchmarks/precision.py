@@ -35,15 +35,6 @@ from _common import log  # noqa: E402  (this folder is on sys.path when run as a
 PERMISSIVE = dict(min_agreement=0.0, max_top1_drop=math.inf, max_rel_diff=math.inf)
 
 
-def cpu_int8_flags() -> dict[str, list[str]]:
-    """The CPU's VNNI and AMX flags from /proc/cpuinfo (empty lists when absent or unreadable)."""
-    try:
-        flags = next(ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = []
-    return {"vnni": sorted(f for f in flags if "vnni" in f), "amx": sorted(f for f in flags if f.startswith("amx"))}
-
-
 def accuracy(state, onnx_path: Path, precisions: list[str]) -> dict[str, dict]:
     """precision -> metrics of the precision step (permissive tolerance; ``within_tolerance`` judged after)."""
     from lotus_deploy.export.precision import (
@@ -146,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     from datetime import datetime, timezone
 
+    from lotus_deploy.bench.facts import cpu_int8_flags
     from lotus_deploy.export.precision import missing_packages
     from lotus_deploy.files import write_json, write_text
     from lotus_deploy.run import Run, environment
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     state.recipe.export.precision_images = eval_images  # the whole eval split
     work = Path(args.run) / "precision"
     log(f"export: fp32 ONNX of {args.run} ({args.variant}) into {work}")
-    exported, arts = export_state(state, work)
+    exported, arts = export_state(state, work, "fp32")
     acc = accuracy(state, arts["onnx"], precisions[1:])
     top1_fp32 = next((a["top1_fp32"] for a in acc.values() if "top1_fp32" in a), None)
     paths = {"fp32": arts["onnx"], **{p: work / f"model.{p}.onnx" for p in precisions[1:] if "error" not in acc[p]}}

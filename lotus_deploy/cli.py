@@ -117,70 +117,88 @@ def compress(recipe: Path, out: Path | None, resume: bool, force: bool, rerun_fr
 
 
 @main.command()
-@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--variant", default="final", show_default=True, help="model state to export (final, dense, a stage name)")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output folder (default RUN/export)")
-@click.option("--trt", "build_trt", is_flag=True, help="also build a TensorRT engine (settings of the recipe's engine stage, else defaults); needs tensorrt and an NVIDIA GPU")
-@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path), help="also write a Triton model repository into DIR (the engine with --trt, else the ONNX of --precision)")
+@click.argument("run", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--variant", default="final", show_default=True, help="model state to export (final, dense, initial, a stage name); must have finished, its checkpoint's sha256 is verified")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output folder (default: RUN/export for the model the manifest records there, RUN/exports/<variant> for any other)")
+@click.option("--trt", "build_trt", is_flag=True, help="also build a TensorRT engine (settings of the recipe's engine stage, else defaults; --precision replaces its precision); needs tensorrt and an NVIDIA GPU")
 @click.option("--precision", help="fp32, fp16, bf16, int8 or fp8 (default: the recipe's export.precision): also write model.<precision>.onnx, "
               "converted by ModelOpt (int8/fp8 calibrated on train images) and checked against model.onnx on eval images; "
-              "--trt then builds from it. Needs the `precision` extra")
-def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_dir: Path | None, precision: str | None) -> None:
-    """Export a run's model to ONNX, checked against PyTorch on eval images (and a converted precision, a TensorRT engine, a Triton repository)."""
+              "--trt then builds that precision. Needs the `precision` extra")
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path), help="also write a Triton model repository into DIR (the engine with --trt, else the ONNX of --precision)")
+@click.option("--triton-name", help="Triton model name (default: the recipe's name)")
+@click.option("--triton-version", type=click.IntRange(min=1), default=1, show_default=True, help="Triton model version folder")
+@click.option("--force", is_flag=True, help="replace an existing Triton model version")
+def export(run: Path | None, variant: str, out: Path | None, build_trt: bool, triton_dir: Path | None, precision: str | None,
+           triton_name: str | None, triton_version: int, force: bool) -> None:
+    """Export a run's model to ONNX, checked against PyTorch on eval images (and a converted precision, a TensorRT engine, a Triton repository).
+
+    RUN defaults to the most recently finished run under runs/. Everything is checked before the
+    first file is written: the variant finished and its checkpoint is intact, the packages of the
+    exporter and the precision are installed, the Triton version is free (or --force).
+    """
     with _user_errors():
+        from lotus_deploy.export.extras import require_exporter
         from lotus_deploy.export.graph_precision import check_precision_name
         from lotus_deploy.export.precision import require_converter
         from lotus_deploy.run import Run
-        from lotus_deploy.stages.export import export_state
+        from lotus_deploy.stages.export import export_dir, export_state
         from lotus_deploy.state import RunState
 
         try:
             precision = check_precision_name(precision) if precision else None
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-        r = Run(run)
-        precision = precision or r.recipe.export.precision
-        require_converter(precision)  # exit 2 naming the extra before any work
-        state = RunState.from_run(r, variant)
-        out = out or run / "export"
-        if build_trt and precision == "fp32":
-            from lotus_deploy.export.trt import TensorRTUnavailable
-            from lotus_deploy.stages.engine import engine_for_state, engine_settings
+        r = Run(run or _latest())
+        require_exporter(r.recipe.export.dynamo)  # exit 2 naming the extra before any work
+        if not build_trt:
+            precision = precision or r.recipe.export.precision
+            require_converter(precision)
+        state = RunState.from_run(r, variant)  # refuses unfinished variants and changed checkpoints
+        out = export_dir(r, variant, out)
+        triton_name = triton_name or state.recipe.name
+        if triton_dir:
+            from lotus_deploy.export.triton import check_version
 
+            check_version(triton_dir, triton_name, triton_version, force)
+        if build_trt:
+            from lotus_deploy.export.trt import TensorRTUnavailable
+            from lotus_deploy.stages.engine import (
+                build_for_state,
+                engine_settings,
+                prepare_engine,
+            )
+
+            cfg = engine_settings(state.recipe, precision)
+            inputs = prepare_engine(cfg, state, out, precision=precision, suffix=f".{cfg.precision}")
+            metrics, arts = inputs.metrics, inputs.artifacts
+            _echo_export(metrics, arts)
             try:
-                metrics, arts = engine_for_state(engine_settings(state.recipe), state, out)
+                built, arts = build_for_state(cfg, state, inputs)
             except TensorRTUnavailable as e:
-                click.echo(f"onnx: {out / 'model.onnx'}  trtexec: {out / 'trtexec.sh'}")
+                click.echo(f"trtexec: {arts['trtexec']}")
                 click.echo(f"error: {e}", err=True)
                 sys.exit(2)
-            click.echo(f"engine: {arts['engine']}  sidecar: {arts['engine_json']}")
+            click.echo(f"engine: {arts['engine']}  sidecar: {arts['engine_json']}  precision built: {built['precision']['built']}  TensorRT {built['tensorrt']}")
+            model = arts["engine"]
         else:
-            metrics, arts = export_state(state, out)
-            click.echo(f"onnx: {arts['onnx']}  max|diff| {metrics['max_abs_diff']:.2e}  top-1 agreement {100 * metrics['top1_agreement']:.1f}%")
-        if precision != "fp32":
-            from lotus_deploy.export.precision import precision_for_state
-
-            pm, pa = precision_for_state(state, arts["onnx"], precision)
-            arts["onnx"] = pa[f"onnx_{precision}"]
-            click.echo(f"{precision}: {arts['onnx']}  top-1 {pm['top1']:.2f}% (fp32 {pm['top1_fp32']:.2f}%)  agreement {100 * pm['top1_agreement']:.1f}%  "
-                       f"max|diff| {pm['max_abs_diff']:.2e}  ({pm['runtime']})")
-            if build_trt:
-                from lotus_deploy.export.trt import TensorRTUnavailable, build_for_state
-                from lotus_deploy.stages.engine import engine_settings
-
-                try:
-                    built = build_for_state(state, engine_settings(state.recipe), arts["onnx"], out / f"model.{precision}.plan", precision)
-                except TensorRTUnavailable as e:
-                    click.echo(f"trtexec: {out / f'trtexec.{precision}.sh'}")
-                    click.echo(f"error: {e}", err=True)
-                    sys.exit(2)
-                arts["engine"] = built.path
-                click.echo(f"engine: {built.path}  sidecar: {built.sidecar}  precision built: {built.info['precision']['built']}")
+            metrics, arts = export_state(state, out, precision)
+            _echo_export(metrics, arts)
+            model = arts.get(f"onnx_{precision}", arts["onnx"])
         if triton_dir:
             from lotus_deploy.export.triton import write_repository
 
-            config = write_repository(arts.get("engine") or arts["onnx"], triton_dir, state.recipe.name)
+            config = write_repository(model, triton_dir, triton_name, version=triton_version, force=force)
             click.echo(f"triton: {config}")
+
+
+def _echo_export(metrics: dict, arts: dict) -> None:
+    """The export's lines: the fp32 ONNX and its check, and the converted precision's check."""
+    click.echo(f"onnx: {arts['onnx']}  max|diff| {metrics['max_abs_diff']:.2e}  top-1 agreement {100 * metrics['top1_agreement']:.1f}%")
+    pm = metrics.get("precision")
+    if pm:
+        p = pm["precision"]
+        click.echo(f"{p}: {arts[f'onnx_{p}']}  top-1 {pm['top1']:.2f}% (fp32 {pm['top1_fp32']:.2f}%)  agreement {100 * pm['top1_agreement']:.1f}%  "
+                   f"max|diff| {pm['max_abs_diff']:.2e}  ({pm['runtime']})")
 
 
 @main.command()
@@ -188,25 +206,28 @@ def export(run: Path, variant: str, out: Path | None, build_trt: bool, triton_di
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="labels per image")
 @click.option("--variant", default="final", show_default=True, help="model of a run directory (final, dense, a stage name)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="images decoded and run together")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (ONNX Runtime intra-op; torch for checkpoints)")
+@click.option("--providers", help="comma-separated ONNX Runtime execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per image")
-def predict(artifact: Path, images: tuple[Path, ...], top_k: int, variant: str, as_json: bool) -> None:
+def predict(artifact: Path, images: tuple[Path, ...], top_k: int, variant: str, batch_size: int, threads: int | None,
+            providers: str | None, as_json: bool) -> None:
     """Top-k labels of IMAGE files from ARTIFACT: a TensorRT engine, an ONNX file, a checkpoint or a run directory."""
     with _user_errors():
-        from PIL import UnidentifiedImageError
-
-        from lotus_deploy.errors import InputError
         from lotus_deploy.runtime import load
 
-        try:
-            results = load(artifact, variant=variant).classify(images, top_k=top_k)
-        except (InputError, UnidentifiedImageError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-    for path, top in zip(images, results):
-        if as_json:
-            click.echo(json.dumps({"image": str(path), "top": top}))
-        else:
-            click.echo(f"{path}: " + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in top))
+        if threads and artifact.suffix != ".onnx":
+            import torch
+
+            torch.set_num_threads(threads)
+        predictor = load(artifact, variant=variant, threads=threads, providers=providers.split(",") if providers else None)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            for path, top in zip(chunk, predictor.classify(chunk, top_k=top_k, batch_size=batch_size)):
+                if as_json:
+                    click.echo(json.dumps({"image": str(path), "top": top}))
+                else:
+                    click.echo(f"{path}: " + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in top))
 
 
 @main.command()

@@ -160,3 +160,23 @@ def load_tensors(path: str | Path) -> dict[str, "object"]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def read_onnx(path: str | Path, load_external_data: bool = True):
+    """``onnx.load`` with one clear error naming the file when it is not a readable ONNX model.
+
+    Raises:
+        InputError: missing, truncated or not an ONNX protobuf.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from lotus_deploy.errors import InputError
+
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (DecodeError, ValueError, RuntimeError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{path}: not a readable ONNX model ({first})") from None

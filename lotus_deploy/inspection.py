@@ -19,7 +19,7 @@ import numpy as np
 
 from lotus_deploy.export.verify import float_types, onnx_weights
 from lotus_deploy.export.verify import weight_stats as _stats
-from lotus_deploy.files import CHECKPOINT_SUFFIXES
+from lotus_deploy.files import CHECKPOINT_SUFFIXES, read_onnx
 
 
 def _totals(rows: Iterable[dict]) -> dict[str, Any]:
@@ -35,14 +35,9 @@ def _totals(rows: Iterable[dict]) -> dict[str, Any]:
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     import torch
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from lotus_deploy.models import read_state_dict
 
-        sd = load_file(str(path))
-    else:
-        from lotus_deploy.models import read_state_dict
-
-        sd = read_state_dict(path)
+    sd = read_state_dict(path)
     out = {}
     for k, v in sd.items():
         if isinstance(v, torch.Tensor):
@@ -89,11 +84,10 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "two_four_layers", "notes"}``; ``totals`` counts every constant float initializer and
         every quantized layer weight (its zeros: ``q == zero_point``).
     """
-    import onnx
     from onnx import numpy_helper
 
     path = Path(path)
-    model = onnx.load(str(path))
+    model = read_onnx(path)
     weights, notes = onnx_weights(model)
     layers = [r for r, _ in weights]
     graph_inputs = {i.name for i in model.graph.input}

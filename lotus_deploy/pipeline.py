@@ -36,7 +36,7 @@ RESERVE_FILE = ".reserve"
 RESERVE_BYTES = 1 << 20  # freed on failure so the manifest can still say "failed" on a full disk
 
 RUN_ENTRIES = ("recipe.yaml", "manifest.json", "env.json", "run.log", "subsets.json", "initial", "stages", "export",
-               "bench", "engine", "tickets", LOCK_FILE, RESERVE_FILE)
+               "exports", "bench", "engine", "tickets", LOCK_FILE, RESERVE_FILE)
 """What a run folder may hold: ``--force`` removes exactly these, ``--out`` refuses a folder with anything else."""
 
 

@@ -3,7 +3,8 @@
 Pure Python and fast: no torch import (``lotus validate`` stays instant). Each problem names
 the recipe field and the file: the weights file exists, is readable and has a valid header; the
 data root exists with matching train/test class folders that fit ``num_classes``; the input size
-is a multiple of the patch size.
+is a multiple of the patch size; the packages the export settings need (``export.dynamo``,
+``export.precision``, an ``engine`` stage's precision) are installed.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def input_problems(recipe) -> list[Problem]:
     p = size_problem(recipe.model)
     if p:
         out.append(p)
+    from lotus_deploy.export.extras import recipe_problems
+
+    out += [Problem(field, why) for field, why in recipe_problems(recipe)]  # exporter / precision packages
     return out
 
 

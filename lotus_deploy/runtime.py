@@ -179,8 +179,11 @@ class Predictor:
         out = []
         for im in images:
             if isinstance(im, (str, Path)):
-                with Image.open(im) as f:
-                    im = f.convert("RGB")
+                try:
+                    with Image.open(im) as f:
+                        im = f.convert("RGB")
+                except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
+                    raise InputError(f"{im}: not a readable image ({type(e).__name__}: {e})") from None
             elif isinstance(im, np.ndarray):
                 if im.dtype != np.uint8 or im.ndim not in (2, 3):
                     raise InputError(f"image arrays must be uint8 HxW or HxWx3, got {im.dtype} {im.shape}")
@@ -194,13 +197,27 @@ class Predictor:
             raise InputError("no images given")
         return np.stack(out)
 
-    def classify(self, images: Iterable[Any], top_k: int = 5) -> list[list[dict]]:
+    def classify(self, images: Iterable[Any], top_k: int = 5, batch_size: int = 32) -> list[list[dict]]:
         """Top-k labels per raw image after the saved preprocessing.
+
+        Args:
+            batch_size: images decoded and run together (memory holds one batch, not all images).
 
         Returns:
             Per image, ``top_k`` dicts ``{"index", "label", "prob", "logit"}`` by descending
             probability (softmax over the logits).
         """
+        images = list(images)
+        if not images:
+            raise InputError("no images given")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[list[dict]] = []
+        for i in range(0, len(images), batch_size):
+            out += self._classify_batch(images[i:i + batch_size], top_k)
+        return out
+
+    def _classify_batch(self, images: list[Any], top_k: int) -> list[list[dict]]:
         logits = self.predict(self.images_to_batch(images))
         z = logits - logits.max(1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -279,7 +296,12 @@ def ort_session(path: str | Path, providers: Sequence[str | tuple[str, dict]] | 
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = ort_providers(providers) if providers else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=so, providers=chosen)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=chosen)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
+        first = " ".join(str(e).split())[:300]
+        raise InputError(f"{path}: ONNX Runtime cannot load it ({first})") from None
 
 
 def load_onnx(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +65,8 @@ def test_a_truncated_manifest_is_one_clear_error(run_copy):
 def test_latest_run_picks_the_newest_finished(run_copy, tmp_path):
     runs = tmp_path / "runs"
     older = Path(shutil.copytree(run_copy, runs / "older"))
-    os.utime(older / "manifest.json", (time.time() - 100, time.time() - 100))
+    t = (run_copy / "manifest.json").stat().st_mtime - 100  # copytree keeps the fixture's (old) mtimes
+    os.utime(older / "manifest.json", (t, t))
     broken = runs / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{")

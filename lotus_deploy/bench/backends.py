@@ -8,7 +8,16 @@ copy / input conversion), ``forward`` (the timed call, output left on the device
 report the copies separately; its ``sync`` (None on CPU and for ONNX Runtime, whose runs wait
 for their stream) says that the forward is asynchronous and is timed with CUDA events.
 
-Only ``torch_cpu``, ``torch_compile_cpu`` and ``onnxruntime_cpu`` run on the development machines.
+Precisions: a backend has a ``precision`` and a ``family`` (the same runtime in fp32 and other
+precisions). ``onnxruntime_cpu_fp16`` / ``_bf16`` / ``_int8`` / ``_fp8`` run the variant's ONNX
+converted by the export's precision step (:func:`lotus_deploy.export.precision.convert_verified`:
+ModelOpt AutoCast or Q/DQ calibrated on ``export.calibration_images`` train images, graph types
+and 2:4 checked) on ONNX Runtime CPU; ``tensorrt_<precision>`` build an engine from the ONNX of
+that precision as the ``engine`` stage does (:func:`lotus_deploy.export.trt.source_precision`).
+They are not in ``auto`` (each conversion takes seconds): name them. ONNX Runtime has no CPU
+kernels for bf16 Conv: ``onnxruntime_cpu_bf16`` fails with that reason, recorded.
+
+Only ``torch_cpu``, ``torch_compile_cpu`` and the ``onnxruntime_cpu`` family run on the development machines.
 Every GPU path (PyTorch CUDA, PyTorch 2:4 semi-structured, ONNX Runtime CUDA and TensorRT
 execution providers, TensorRT engines) is written against the documented APIs of torch,
 onnxruntime-gpu and tensorrt but is **untested here** (no GPU); each is skipped with its reason
@@ -41,6 +50,8 @@ class BackendContext:
         input_shape: ``(C, H, W)`` of one image.
         two_four_layers: Linear layers of the model that are 2:4 along ``in_features``.
         log: where backends report what they did (engine builds).
+        convert: precision -> ``(path, facts)`` of the variant's ONNX converted to it and checked
+            (made once per variant and shared by the backends; None: no conversion here).
     """
 
     onnx_path: Path | None
@@ -50,6 +61,15 @@ class BackendContext:
     input_shape: tuple[int, int, int]
     two_four_layers: list[str] = field(default_factory=list)
     log: Callable[[str], Any] = print
+    convert: Callable[[str], tuple[Path, dict]] | None = None
+
+    def onnx_in(self, precision: str) -> tuple[Path, dict]:
+        """``(path, conversion facts)`` of the variant's ONNX in ``precision`` (fp32: the export itself)."""
+        if precision == "fp32":
+            return self.onnx_path, {}
+        if self.convert is None:
+            raise RuntimeError(f"no {precision} ONNX: this bench cannot convert (BackendContext.convert is None)")
+        return self.convert(precision)
 
 
 @dataclass
@@ -62,6 +82,8 @@ class Backend:
             the predictor's ``details``, kept in the results.
         device: ``cpu`` or ``cuda`` (copies are timed separately on ``cuda``).
         default: part of ``auto`` (every default backend that is available here).
+        precision: what the model computes in (fp32, fp16, bf16, int8, fp8).
+        family: the runtime whose precisions are compared side by side in the report (default: the name).
     """
 
     name: str
@@ -71,16 +93,22 @@ class Backend:
     description: str = ""
     device: str = "cpu"
     default: bool = True
+    precision: str = "fp32"
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        self.family = self.family or self.name
 
 
 BACKENDS: Registry[Backend] = Registry("bench backend")
 
 
-def register_backend(name: str, needs_onnx: bool = False, description: str = "", device: str = "cpu", default: bool = True):
+def register_backend(name: str, needs_onnx: bool = False, description: str = "", device: str = "cpu", default: bool = True,
+                     precision: str = "fp32", family: str = ""):
     """Class decorator registering a class with static ``available()`` and ``prepare(model, ctx)``."""
 
     def deco(cls):
-        BACKENDS.add(name, Backend(name, needs_onnx, cls.available, cls.prepare, description, device, default))
+        BACKENDS.add(name, Backend(name, needs_onnx, cls.available, cls.prepare, description, device, default, precision, family))
         return cls
 
     return deco
@@ -177,7 +205,7 @@ def _register_torch_cuda(name: str, dtype: str, needs_bf16: bool = False) -> Non
         def prepare(model, ctx: BackendContext) -> Predictor:
             return _on_gpu(torch_predictor(copy.deepcopy(model), "cuda", dtype, chw=ctx.input_shape))
 
-    register_backend(name, description=f"PyTorch eager, {dtype}, CUDA (untested here)", device="cuda")(_TorchCUDA)
+    register_backend(name, description=f"PyTorch eager, {dtype}, CUDA (untested here)", device="cuda", precision=dtype, family="torch_cuda")(_TorchCUDA)
 
 
 _register_torch_cuda("torch_cuda_fp32", "fp32")
@@ -185,7 +213,8 @@ _register_torch_cuda("torch_cuda_fp16", "fp16")
 _register_torch_cuda("torch_cuda_bf16", "bf16", needs_bf16=True)
 
 
-@register_backend("torch_compile_cuda_fp16", description="torch.compile (inductor), fp16, CUDA; off by default (untested here)", device="cuda", default=False)
+@register_backend("torch_compile_cuda_fp16", description="torch.compile (inductor), fp16, CUDA; off by default (untested here)", device="cuda", default=False,
+                  precision="fp16")
 class TorchCompileCUDA:
     @staticmethod
     def available() -> str | None:
@@ -200,7 +229,7 @@ class TorchCompileCUDA:
 @register_backend(
     "torch_2to4_fp16",
     description="PyTorch 2:4 semi-structured sparse Linears (to_sparse_semi_structured), fp16, CUDA cc >= 8.0 (untested here)",
-    device="cuda",
+    device="cuda", precision="fp16",
 )
 class Torch2to4:
     """The 2:4 Linear weights converted by :func:`lotus_deploy.semi_structured_torch.to_semi_structured_`
@@ -241,6 +270,37 @@ class OrtCPU:
         return load_onnx(ctx.onnx_path, ["CPUExecutionProvider"], ctx.threads)
 
 
+def _converter_reason(precision: str) -> str | None:
+    from lotus_deploy.export.precision import INSTALL_HINT, missing_packages
+
+    missing = missing_packages()
+    return f"the {precision} ONNX needs {', '.join(missing)}, not installed: {INSTALL_HINT}" if missing else None
+
+
+def _register_ort_cpu_precision(precision: str) -> None:
+    class _OrtCPUPrecision:
+        @staticmethod
+        def available() -> str | None:
+            return _ort_provider_reason("CPUExecutionProvider") or _converter_reason(precision)
+
+        @staticmethod
+        def prepare(model, ctx: BackendContext) -> Predictor:
+            path, facts = ctx.onnx_in(precision)
+            p = load_onnx(path, ["CPUExecutionProvider"], ctx.threads)
+            p.details.update(precision=precision, onnx=str(path), conversion=facts)
+            return p
+
+    how = "Q/DQ, calibrated" if precision in ("int8", "fp8") else "AutoCast, fp32 IO"
+    register_backend(
+        f"onnxruntime_cpu_{precision}", needs_onnx=True, default=False, precision=precision, family="onnxruntime_cpu",
+        description=f"ONNX Runtime, CPUExecutionProvider, the ONNX converted to {precision} by ModelOpt ({how}); needs the `precision` extra",
+    )(_OrtCPUPrecision)
+
+
+for _p in ("fp16", "bf16", "int8", "fp8"):
+    _register_ort_cpu_precision(_p)
+
+
 def _ort_gpu(ctx: BackendContext, providers: list, want: str) -> Predictor:
     """An ONNX Runtime GPU predictor with IO binding (input copied to the GPU in ``stage``).
 
@@ -254,7 +314,8 @@ def _ort_gpu(ctx: BackendContext, providers: list, want: str) -> Predictor:
     return p
 
 
-@register_backend("onnxruntime_cuda", needs_onnx=True, description="ONNX Runtime, CUDAExecutionProvider, fp32, IO binding (untested here)", device="cuda")
+@register_backend("onnxruntime_cuda", needs_onnx=True, description="ONNX Runtime, CUDAExecutionProvider, fp32, IO binding (untested here)", device="cuda",
+                  family="onnxruntime_cuda")
 class OrtCUDA:
     @staticmethod
     def available() -> str | None:
@@ -271,7 +332,7 @@ def _shape(batch: int, chw: tuple[int, int, int]) -> str:
 
 @register_backend(
     "onnxruntime_tensorrt", needs_onnx=True,
-    description="ONNX Runtime, TensorrtExecutionProvider, fp16, sparsity enabled, engine cache (untested here)", device="cuda",
+    description="ONNX Runtime, TensorrtExecutionProvider, fp16, sparsity enabled, engine cache (untested here)", device="cuda", precision="fp16",
 )
 class OrtTensorRT:
     @staticmethod
@@ -300,40 +361,68 @@ class OrtTensorRT:
 # ----------------------------------------------------------------------------- TensorRT engine
 
 
-@register_backend(
-    "tensorrt", needs_onnx=True,
-    description="TensorRT engine built by lotus_deploy.export.trt (fp16, sparse weights when 2:4 layers exist), execute_async_v3 (untested here)",
-    device="cuda",
-)
-class TensorRTEngine:
+class _TensorRTEngine:
     """Builds the variant's engine with :func:`lotus_deploy.export.trt.build_engine` (profile over
-    the bench batch sizes, a timing cache shared by the variants) and serves it with
-    :func:`lotus_deploy.runtime.load_engine`: device-resident torch buffers, execution queued on
-    the current stream, so that CUDA events time the execution alone. Untested here (no GPU, no
-    TensorRT).
+    the bench batch sizes, a timing cache shared by the variants) from the ONNX that the engine
+    stage would build this precision from (:func:`lotus_deploy.export.trt.source_precision`: the
+    converted one on TensorRT 11) and serves it with :func:`lotus_deploy.runtime.load_engine`:
+    device-resident torch buffers, execution queued on the current stream, so that CUDA events
+    time the execution alone. The predictor's details hold the sidecar (TensorRT version,
+    precision built). Untested here (no GPU, no TensorRT).
     """
 
-    @staticmethod
-    def available() -> str | None:
+    precision = "fp16"
+
+    @classmethod
+    def available(cls) -> str | None:
         try:
-            from lotus_deploy.export.trt import unavailable_reason
+            from lotus_deploy.export.trt import (
+                installed_major,
+                source_precision,
+                unavailable_reason,
+            )
         except ImportError as e:
             return f"lotus_deploy.export.trt cannot be imported ({e})"
-        return unavailable_reason()
+        why = unavailable_reason()
+        if why is None and source_precision(installed_major(), cls.precision) != "fp32":
+            why = _converter_reason(cls.precision)
+        return why
 
-    @staticmethod
-    def prepare(model, ctx: BackendContext) -> Predictor:
-        from lotus_deploy.export.trt import BuildSpec, build_engine
+    @classmethod
+    def prepare(cls, model, ctx: BackendContext) -> Predictor:
+        from lotus_deploy.export.trt import (
+            BuildSpec,
+            build_engine,
+            installed_major,
+            source_precision,
+        )
 
         hi = max(ctx.batch_sizes)
+        path, facts = ctx.onnx_in(source_precision(installed_major(), cls.precision))
         spec = BuildSpec(
-            precision="fp16", sparse=bool(ctx.two_four_layers), min_batch=1, opt_batch=hi, max_batch=hi,
+            precision=cls.precision, sparse=bool(ctx.two_four_layers), min_batch=1, opt_batch=hi, max_batch=hi,
             timing_cache=ctx.work_dir.parent / "trt_timing.cache",
         )
-        built = build_engine(ctx.onnx_path, ctx.work_dir / "model.plan", spec, two_four_layers=ctx.two_four_layers, log=ctx.log)
+        built = build_engine(path, ctx.work_dir / f"model.{cls.precision}.plan", spec, two_four_layers=ctx.two_four_layers, log=ctx.log,
+                             script_name=f"trtexec.{cls.precision}.sh")
         p = load_engine(built.path)
-        p.details.update({**built.info, "engine": str(built.path), "engine_bytes": built.path.stat().st_size})  # info has "engine" too
+        p.details.update({**built.info, "engine": str(built.path), "engine_bytes": built.path.stat().st_size, "conversion": facts})
         return p
+
+
+def _register_tensorrt(name: str, precision: str, default: bool) -> None:
+    cls = type(f"TensorRT_{precision}", (_TensorRTEngine,), {"precision": precision})
+    register_backend(
+        name, needs_onnx=True, device="cuda", default=default, precision=precision, family="tensorrt",
+        description=f"TensorRT engine built by lotus_deploy.export.trt, {precision} (strongly typed from the {precision} ONNX on TensorRT 11), "
+                    "sparse weights when 2:4 layers exist, execute_async_v3 (untested here)",
+    )(cls)
+
+
+_register_tensorrt("tensorrt", "fp16", default=True)
+for _p in ("fp32", "bf16", "int8", "fp8"):
+    _register_tensorrt(f"tensorrt_{_p}", _p, default=False)
+del _p
 
 
 __all__ = ["BACKENDS", "Backend", "BackendContext", "register_backend", "resolve_backends"]

@@ -3,7 +3,8 @@
 * :func:`model_facts`: parameters, non-zeros and sparsity (overall and in the scope), 2:4 layers;
 * :func:`resolve_variants`: variant names of a run -> one entry per distinct checkpoint;
 * :func:`sweep_efficiency`: essential-sparsity sweeps of the manifest against the forward speed;
-* :func:`bench_environment`: versions, threads, ONNX Runtime providers, GPU driver and cuDNN.
+* :func:`bench_environment`: versions, threads, ONNX Runtime providers, the CPU's int8
+  instructions (:func:`cpu_int8_flags`), GPU driver and cuDNN.
 
 Sparsity = fraction of zero weights.
 """
@@ -103,9 +104,30 @@ def sweep_efficiency(manifest: dict, eval_images: int, forward_images_per_s: flo
     return out
 
 
+def cpu_int8_flags(cpuinfo: str | None = None) -> dict[str, list[str]]:
+    """The CPU's VNNI and AMX flags (``/proc/cpuinfo``; empty lists when absent or unreadable).
+
+    ONNX Runtime's int8 GEMMs (the MatMulInteger / QDQ-fused kernels an int8 ONNX runs on) use
+    AVX-512 VNNI / AVX-VNNI and AMX where the CPU has them; without them int8 gains little on a CPU.
+
+    Args:
+        cpuinfo: the file's text (default: read it).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+    return {"vnni": sorted(f for f in flags if "vnni" in f), "amx": sorted(f for f in flags if f.startswith("amx"))}
+
+
 def bench_environment(threads: int) -> dict[str, Any]:
-    """:func:`lotus_deploy.run.environment` plus threads, ONNX Runtime providers, GPU driver and cuDNN."""
+    """:func:`lotus_deploy.run.environment` plus threads, ONNX Runtime providers, the CPU's int8
+    instructions (``cpu_int8``: :func:`cpu_int8_flags`), GPU driver and cuDNN."""
     env = environment()
+    env["cpu_int8"] = cpu_int8_flags()
     env["bench_threads"] = threads
     env["torch_interop_threads"] = torch.get_num_interop_threads()
     env["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")

@@ -44,12 +44,61 @@ def environment_lines(env: dict) -> list[str]:
     )
     return [
         f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores); {env.get('platform')}",
+        *([cpu_int8_line(env["cpu_int8"])] if env.get("cpu_int8") is not None else []),
         gpu_line,
         f"- threads: bench {env.get('bench_threads')} (torch intra-op and ONNX Runtime intra-op), torch inter-op "
         f"{env.get('torch_interop_threads')}, OMP_NUM_THREADS {env.get('omp_num_threads')}",
         f"- versions: python {env.get('python')}, torch {env.get('torch')}, timm {env.get('timm')}, onnx {env.get('onnx')}, "
         f"onnxruntime {env.get('onnxruntime')} ({', '.join(env.get('onnxruntime_providers') or [])}), numpy {env.get('numpy')}",
     ]
+
+
+def cpu_int8_line(flags: dict) -> str:
+    """Whether the CPU has the instructions ONNX Runtime's int8 kernels use (VNNI, AMX)."""
+    vnni, amx = flags.get("vnni") or [], flags.get("amx") or []
+    have = " and ".join(w for w, f in (("VNNI", vnni), ("AMX", amx)) if f)
+    return (f"- CPU int8 instructions: VNNI {', '.join(vnni) or 'none'}; AMX {', '.join(amx) or 'none'} "
+            + (f"(ONNX Runtime's int8 kernels use {have})" if have else "(neither: int8 runs without dot-product instructions and gains little on this CPU)"))
+
+
+def precision_lines(res: BenchResults) -> list[str]:
+    """The ``## Precisions`` section: per runtime family with more than one precision measured, each
+    precision's top-1 and median latency per batch, with the ratio to the family's fp32 row; the
+    precision backends not measured (GPU ones here) with their reason."""
+    status = {b.name: b for b in res.backends}
+    fams: dict[str, set[str]] = defaultdict(set)
+    for r in res.rows:
+        b = status.get(r.backend)
+        if b is not None:
+            fams[b.family or b.name].add(r.backend)
+    fams = {f: names for f, names in fams.items() if len({status[n].precision for n in names}) > 1}
+    unmeasured = [b for b in res.backends if b.status != "measured" and b.precision != "fp32" and b.family in ("onnxruntime_cpu", "tensorrt")]
+    if not fams and not unmeasured:
+        return []
+    batches = sorted({r.batch for r in res.rows})
+    acc = {(a.variant, a.backend): a for a in res.accuracy}
+    lines = ["", "## Precisions", "",
+             "The same variant run in each precision by one runtime: the ONNX converted by the export's precision step "
+             "(fp32 inputs/outputs, 2:4 kept), top-1 from its own outputs, agreement with the PyTorch CPU fp32 reference; "
+             "median latency, in brackets its ratio to the same runtime in fp32 at the same batch."]
+    for fam, names in fams.items():
+        rows = [r for r in res.rows if r.backend in names]
+        lines += ["", f"### {fam}", "",
+                  "| variant | precision | backend | top-1 % | agreement % | " + " | ".join(f"ms @ batch {b}" for b in batches) + " |",
+                  "|---|---|---|---:|---:|" + "---:|" * len(batches)]
+        ms = {(r.variant, r.backend, r.batch): r.latency_median_ms for r in rows}
+        base = {v: next((n for n in names if status[n].precision == "fp32"), None) for v in {r.variant for r in rows}}
+        order = ["fp32", "fp16", "bf16", "int8", "fp8"]
+        for v, n in sorted({(r.variant, r.backend) for r in rows}, key=lambda k: (k[0], order.index(status[k[1]].precision) if status[k[1]].precision in order else 9)):
+            cells = []
+            for b in batches:
+                m, ref = ms.get((v, n, b)), ms.get((v, base[v], b)) if base[v] else None
+                cells.append("-" if m is None else f"{m:.2f}" + (f" ({m / ref:.2f}x)" if ref and n != base[v] else ""))
+            a = acc.get((v, n))
+            lines.append(f"| {v} | {status[n].precision} | {n} | {_f(a and a.top1)} | {_f(a and 100 * a.agreement)} | " + " | ".join(cells) + " |")
+    if unmeasured:
+        lines += ["", *(f"- `{b.name}` ({b.precision}) not measured: {b.reason}" for b in unmeasured)]
+    return lines
 
 
 def report_markdown(res: BenchResults) -> str:
@@ -111,6 +160,7 @@ def report_markdown(res: BenchResults) -> str:
                 f"{r.latency_p99_ms:.2f} | {r.images_per_s:.1f} | {r.scope_sparsity:.3f} | {r.nonzeros:,} |"
                 + (f" {_f(r.h2d_median_ms, '.3f')} | {_f(r.d2h_median_ms, '.3f')} |" if copies else "")
             )
+    lines += precision_lines(res)
     if res.pipeline:
         pl = res.pipeline
         lines += [

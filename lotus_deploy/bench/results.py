@@ -38,6 +38,8 @@ class BackendStatus(_Schema):
     name: str
     description: str
     device: str
+    precision: str = "fp32"
+    family: str | None = None
     status: Literal["measured", "skipped", "failed"]
     reason: str | None = None
     info: dict[str, Any] = {}

@@ -114,6 +114,41 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:500]
 
 
+class _Calibration:
+    """The int8/fp8 calibration images of a run (``export.calibration_images`` train images), made once per bench."""
+
+    def __init__(self, run, data):
+        self.run, self.data, self.images = run, data, None
+
+    def __call__(self):
+        if self.images is None:
+            from lotus_deploy.export.precision import calibration_images
+
+            cfg = self.run.recipe
+            self.images = calibration_images(self.data, cfg.export.calibration_images, cfg.data.subset_seed).numpy()
+        return self.images
+
+
+def _converter(onnx_path: Path, calibration: _Calibration, log: Callable[[str], Any]) -> Callable[[str], tuple[Path, dict]]:
+    """precision -> ``(path, facts)`` of ``onnx_path`` converted and checked (:func:`lotus_deploy.export.precision.convert_verified`),
+    each made once: ``<variant>.<precision>.onnx`` next to it."""
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def convert(precision: str) -> tuple[Path, dict]:
+        if precision not in made:
+            from lotus_deploy.export.graph_precision import QUANTIZED
+            from lotus_deploy.export.precision import convert_verified
+
+            dst = onnx_path.with_name(f"{onnx_path.stem}.{precision}.onnx")
+            facts = convert_verified(onnx_path, dst, precision, calibration() if precision in QUANTIZED else None)
+            facts["calibration_images"] = len(calibration()) if precision in QUANTIZED else 0
+            made[precision] = (dst, facts)
+            log(f"bench: {dst.name}: {precision} ONNX ({facts['bytes'] / 1e6:.1f} MB, {facts['two_four']['kept']} 2:4 weight(s) kept)")
+        return made[precision]
+
+    return convert
+
+
 def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=None) -> dict:
     """Benchmark the variants of a run; writes results.json/.csv, report.md and plots in ``out_dir``.
 
@@ -149,13 +184,15 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
         ready: list[Backend] = []
         for b in backends:
             why = b.available()
-            statuses[b.name] = BackendStatus(name=b.name, description=b.description, device=b.device, status="skipped" if why else "failed", reason=why)
+            statuses[b.name] = BackendStatus(name=b.name, description=b.description, device=b.device, precision=b.precision, family=b.family,
+                                             status="skipped" if why else "failed", reason=why)
             if why:
                 log(f"bench: skipping {b.name}: {why}")
             else:
                 ready.append(b)
         facts_out, acc_out, rows, failures = [], [], [], []
         spec = None
+        calibration = None
         acc_bs = max(cfg.batch_sizes)
         pending: list[dict] = []  # prepared variants waiting to be timed
 
@@ -217,6 +254,7 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
             spec = input_spec(model)
             if data is None:
                 data = build_data(run.recipe.data, spec)
+            calibration = calibration or _Calibration(run, data)
             example, _ = data.eval_batch(max(cfg.batch_sizes))
             onnx_path = out_dir / "onnx" / f"{name}.onnx"
             if any(b.needs_onnx for b in ready):
@@ -230,6 +268,7 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
             ctx = BackendContext(
                 onnx_path if onnx_path.exists() else None, out_dir / "work" / name, threads, list(cfg.batch_sizes),
                 tuple(example.shape[1:]), two_four_layers=facts["two_four_layer_names"], log=log,
+                convert=_converter(onnx_path, calibration, log) if onnx_path.exists() else None,
             )
             prepared: dict[str, Predictor] = {}
             for b in ready:

@@ -18,19 +18,28 @@ OUTPUT_NAME = "logits"
 __all__ = ["ExportError", "export_onnx", "compare_with_torch", "onnx_weight_zeros", "torch_weight_zeros", "export_checked"]
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor, opset: int = 17, dynamo: bool = False) -> Path:
+def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor, opset: int = 17, dynamo: bool = False,
+                metadata: dict[str, str] | None = None) -> Path:
     """Export ``model`` (eval mode, CPU, fp32) to ONNX with a dynamic batch axis, atomically.
 
     Args:
         example: one input batch ``(B, C, H, W)`` that fixes C, H and W.
+        dynamo: torch's dynamo exporter (needs onnxscript: :func:`lotus_deploy.export.extras.require_exporter`).
+        metadata: ``metadata_props`` to write into the file (e.g.
+            :func:`lotus_deploy.export.metadata.preprocess_metadata`).
 
     Returns:
         The written path (input ``input``, output ``logits``; ``onnx.checker`` passed).
     """
+    import contextlib
+    import sys
+
     import onnx
 
+    from lotus_deploy.export.extras import require_exporter
     from lotus_deploy.files import atomic_path
 
+    require_exporter(dynamo)
     model = model.eval().to("cpu")
     example = example.to("cpu", torch.float32)
     path = Path(path)
@@ -40,12 +49,19 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
             warnings.simplefilter("ignore")  # tracer warnings about timm's shape asserts
             if dynamo:
                 batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(model, (example,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},), external_data=False, **kwargs)
+                with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the command's output
+                    torch.onnx.export(model, (example,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},), external_data=False, **kwargs)
             else:
                 torch.onnx.export(
                     model, (example,), str(tmp), dynamo=False,
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs,
                 )
+        if metadata:
+            from lotus_deploy.export.metadata import set_metadata
+
+            m = onnx.load(str(tmp))
+            set_metadata(m, metadata)
+            onnx.save(m, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
     return path
 
@@ -94,14 +110,16 @@ def torch_weight_zeros(model: torch.nn.Module) -> dict[str, int]:
     return {"zeros": zeros, "weights": total}
 
 
-def export_checked(model, path, images: torch.Tensor, opset: int = 17, dynamo: bool = False, tolerance: float = 1e-3) -> dict:
-    """Export, check with onnx.checker and against PyTorch; raises :class:`ExportError` when off.
+def export_checked(model, path, images: torch.Tensor, opset: int = 17, dynamo: bool = False, tolerance: float = 1e-3,
+                   metadata: dict[str, str] | None = None) -> dict:
+    """Export (``metadata`` into ``metadata_props``), check with onnx.checker and against PyTorch;
+    raises :class:`ExportError` when off.
 
     Returns:
         Metrics: ``max_abs_diff``, ``top1_agreement``, ``images``, zero counts in ONNX and
         PyTorch weights, file size in bytes, opset.
     """
-    path = export_onnx(model, path, images[:1], opset=opset, dynamo=dynamo)
+    path = export_onnx(model, path, images[:1], opset=opset, dynamo=dynamo, metadata=metadata)
     parity = compare_with_torch(path, model, images)
     oz, tz = onnx_weight_zeros(path), torch_weight_zeros(model)
     metrics = {

@@ -154,10 +154,39 @@ def convert(src: str | Path, dst: str | Path, precision: str, calibration=None) 
             from modelopt.onnx.autocast import convert_to_mixed_precision
 
             onnx.save(convert_to_mixed_precision(str(work), low_precision_type=precision, keep_io_types=True), str(out))
+        meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+        if meta:  # the preprocessing the fp32 export carries (lotus_deploy.export.metadata) goes along
+            from lotus_deploy.export.metadata import set_metadata
+
+            m = onnx.load(str(out))
+            set_metadata(m, {**meta, "precision": precision})
+            onnx.save(m, str(out))
         onnx.checker.check_model(str(out))
         with atomic_path(dst) as t:
             shutil.copyfile(out, t)
     return Path(dst)
+
+
+def convert_verified(src: str | Path, dst: str | Path, precision: str, calibration=None) -> dict[str, Any]:
+    """:func:`convert`, then check the graph: ``precision`` types inside, fp32 inputs/outputs, every 2:4 weight of ``src`` still 2:4.
+
+    Returns:
+        ``{"graph": graph facts, "two_four": {"two_four_layers", "kept"}, "bytes": size of dst}``.
+
+    Raises:
+        PrecisionCheckError: another precision or IO type in the graph, or a 2:4 weight lost.
+    """
+    from lotus_deploy.export.verify import ExportError, two_four_kept
+
+    dst = convert(src, dst, precision, calibration)
+    facts = graph_facts(dst)
+    if facts["precision"] != precision or set(facts["inputs"].values()) | set(facts["outputs"].values()) != {"FLOAT"}:
+        raise PrecisionCheckError(f"{dst.name}: expected a {precision} graph with fp32 inputs/outputs, got {facts['precision']} with {facts['inputs']} -> {facts['outputs']}")
+    try:
+        kept = two_four_kept(src, dst)
+    except ExportError as e:
+        raise PrecisionCheckError(str(e)) from e
+    return {"graph": facts, "two_four": kept, "bytes": dst.stat().st_size}
 
 
 # ----------------------------------------------------------------------------- check on eval images
@@ -289,8 +318,6 @@ def precision_for_state(state, onnx_path: str | Path, precision: str | None = No
         PrecisionUnavailable: the ``precision`` extra is missing.
         PrecisionCheckError: 2:4 lost, or the check against fp32 failed (one line).
     """
-    from lotus_deploy.export.onnx_export import ExportError
-    from lotus_deploy.export.verify import two_four_kept
     from lotus_deploy.files import write_json
 
     cfg = state.recipe.export
@@ -303,17 +330,11 @@ def precision_for_state(state, onnx_path: str | Path, precision: str | None = No
     calib = None
     if precision in QUANTIZED:
         calib = calibration_images(state.data, cfg.calibration_images, state.recipe.data.subset_seed).numpy()
-    convert(onnx_path, dst, precision, calib)
-    facts = graph_facts(dst)
-    if facts["precision"] != precision or set(facts["inputs"].values()) | set(facts["outputs"].values()) != {"FLOAT"}:
-        raise PrecisionCheckError(f"{dst.name}: expected a {precision} graph with fp32 inputs/outputs, got {facts['precision']} with {facts['inputs']} -> {facts['outputs']}")
-    try:
-        kept = two_four_kept(onnx_path, dst)
-    except ExportError as e:
-        raise PrecisionCheckError(str(e)) from e
+    verified = convert_verified(onnx_path, dst, precision, calib)
+    kept = verified["two_four"]
     images, labels = state.data.eval_batch(cfg.precision_images)
-    metrics = {**check_precision(dst, onnx_path, images, labels, precision, tolerance=tolerance), "two_four": kept, "graph": facts,
-               "calibration_images": 0 if calib is None else len(calib), "bytes": dst.stat().st_size}
+    metrics = {**check_precision(dst, onnx_path, images, labels, precision, tolerance=tolerance), **verified,
+               "calibration_images": 0 if calib is None else len(calib)}
     meta = write_json(dst.with_suffix(".json"), metrics)
     state.log.info(
         f"precision: {dst} ({metrics['bytes'] / 1e6:.1f} MB, {metrics['runtime']}): top-1 {metrics['top1']:.2f}% vs fp32 {metrics['top1_fp32']:.2f}%, "

@@ -19,7 +19,9 @@ are built from the ONNX that :mod:`lotus_deploy.export.precision` converted
 (``model.<precision>.onnx``). On TensorRT 10, fp16/bf16 use the builder flags on the fp32 ONNX
 unless a strongly typed network is asked for; INT8/FP8 (explicit Q/DQ) are always built strongly
 typed, as NVIDIA's explicit-quantization guide says. A request the ONNX cannot give (fp16 asked,
-fp32 ONNX, TensorRT 11) builds what the ONNX holds, warns loudly and records both in the sidecar.
+fp32 ONNX, TensorRT 11) builds what the ONNX holds, warns loudly and records both in the sidecar;
+:func:`source_precision` says which ONNX to build a precision from so that this does not happen
+(the ``engine`` stage, ``lotus export --trt`` and the bench's ``tensorrt*`` backends use it).
 """
 
 from __future__ import annotations
@@ -182,6 +184,19 @@ def build_plan(major: int, requested: str, onnx: str, strongly_typed: bool = Fal
     if sparse is not False:
         flags += ("SPARSE_WEIGHTS",)
     return BuildPlan(major=major, strongly_typed=typed, flags=flags, requested=requested, onnx=onnx, built=built, warning=warning)
+
+
+def source_precision(major: int, requested: str, strongly_typed: bool = False) -> str:
+    """The precision of the ONNX to build ``requested`` from on TensorRT ``major`` (pure).
+
+    fp32 (``model.onnx`` itself) when TensorRT 10 builds it weakly typed with a builder flag
+    (fp16/bf16) or for fp32; otherwise ``requested``: the ONNX converted by
+    :mod:`lotus_deploy.export.precision` (``model.<precision>.onnx``), whose types a strongly typed
+    build follows. With it, :func:`build_plan` builds what was asked for.
+    """
+    check_precision_name(requested)
+    weak = major < 11 and not strongly_typed and requested not in QUANTIZED
+    return "fp32" if requested == "fp32" or weak else requested
 
 
 def trtexec_precision_args(plan: BuildPlan) -> list[str]:
@@ -555,36 +570,6 @@ def build_engine(
     log(f"engine: {engine_path} ({info['bytes'] / 1e6:.1f} MB) built in {build_s:.1f} s on {props.name}; "
         f"sparse layers picked by TensorRT: {len(sparsity['trt_picked'])}")
     return BuildResult(path=engine_path, sidecar=sidecar, trtexec=script, log=log_path, info=info)
-
-
-def build_for_state(state, cfg, onnx_path: Path, engine_path: Path, precision: str, warn: Callable[[str], None] | None = None) -> BuildResult:
-    """Build ``engine_path`` from a converted ``model.<precision>.onnx`` of a run's state (UNTESTED HERE: needs TensorRT and a GPU).
-
-    Args:
-        state: the run state (its model and masks say which layers are 2:4; its log gets the messages).
-        cfg: the recipe's ``engine`` stage settings (:class:`lotus_deploy.recipe.stages.Engine`);
-            ``precision`` replaces its precision, ``sparse`` auto = on when the model has 2:4 layers.
-        onnx_path: the converted ONNX, with the export's ``preprocess.json`` next to it.
-        precision: the precision asked for (what the ONNX holds, see :func:`build_plan`).
-
-    Writes ``trtexec.<precision>.sh`` next to the engine first, so it exists even without TensorRT.
-
-    Raises:
-        TensorRTUnavailable: after writing the script, when TensorRT or a GPU is missing.
-        EngineBuildError: TensorRT rejected the graph or failed to build.
-    """
-    from lotus_deploy.files import read_json
-    from lotus_deploy.prune.two_four import two_four_layers
-
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    layers = two_four_layers(state.model, state.masks)
-    spec = replace(cfg.build_spec(engine_path.parent, {"on": True, "off": False}.get(cfg.sparse, bool(layers))), precision=precision)
-    pre = read_json(onnx_path.with_name("preprocess.json"))
-    script = f"trtexec.{precision}.sh"
-    write_trtexec_script(engine_path.parent / script, trtexec_command(onnx_path, engine_path, pre.get("input", "input"), pre["input_size"], spec))
-    require_tensorrt()
-    return build_engine(onnx_path, engine_path, spec, preprocess=pre, two_four_layers=layers, log=state.log.info,
-                        warn=warn or state.log.warning, script_name=script)
 
 
 # ----------------------------------------------------------------------------- inference (TensorRT)

@@ -134,7 +134,7 @@ class ExportConfig(Strict):
     """ONNX export settings (used by the `export` stage and `lotus export`)."""
 
     opset: int = Field(17, ge=13, description="ONNX opset")
-    dynamo: bool = Field(False, description="use the dynamo exporter (slower; the TorchScript one is the default)")
+    dynamo: bool = Field(False, description="use torch's dynamo exporter (slower; the TorchScript one is the default); needs onnxscript: the `dynamo` (or `precision`) extra, checked before the run starts")
     tolerance: float = Field(1e-3, gt=0, description="max |ONNX Runtime - PyTorch| on eval logits before the export fails")
     check_images: int = Field(64, gt=0, description="eval images compared between ONNX Runtime and PyTorch")
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field("fp32", description="precision of the ONNX TensorRT builds from, made by `lotus export` (default of its --precision): fp16/bf16 (ModelOpt AutoCast) or int8/fp8 (ModelOpt Q/DQ post-training quantization) write model.<precision>.onnx next to model.onnx, fp32 inputs/outputs kept, checked against it on eval images; needs the `precision` extra")

@@ -286,6 +286,12 @@ class SemiStructured(StageConfig):
     permute_seconds: float = Field(2.0, gt=0, description="time budget of the permutation search per layer (s)")
     criterion: CriterionName = Field("magnitude", description="which 2 of every 4 stay: magnitude (|W|), wanda (|W| x input-channel norm) or sparsegpt (2:4 OBS with weight reconstruction); after any permutation")
     calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
+    earlier_mask: Literal["within", "revive"] = Field(
+        "within",
+        description="within: the 2 of 4 are chosen among the weights an earlier mask kept (the layer ends sparser than 50 %); "
+        "revive: chosen afresh among all weights of the layer (the earlier mask's zeros lose first, so it only decides "
+        "groups with fewer than 2 survivors; revived weights start at 0 and train), the layer ends at exactly 50 %",
+    )
 
 
 def _check_granularity(criteria: list[str], granularity: str) -> None:
@@ -311,7 +317,7 @@ class Evaluate(StageConfig):
 
 
 class Export(StageConfig):
-    """Uses the recipe's ``export`` section (opset, tolerance, images compared)."""
+    """Uses the recipe's ``export`` section (opset, tolerance, images compared, ``precision``)."""
 
     kind: Literal["export"] = "export"
     impl: ClassVar[str] = "lotus_deploy.stages.export"
@@ -324,17 +330,17 @@ class Engine(StageConfig):
     kind: Literal["engine"] = "engine"
     impl: ClassVar[str] = "lotus_deploy.stages.engine"
     changes_model: ClassVar[bool] = False
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp16", description="builder precision flag (ignored when strongly_typed)")
+    precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field("fp16", description="what the engine computes in: built strongly typed from the ONNX converted to it (model.<precision>.onnx, made as `export.precision` makes it; needs the `precision` extra) on TensorRT 11, and for int8/fp8 or strongly_typed on 10; fp16/bf16 on TensorRT 10 use the builder flag on model.onnx")
     sparse: Literal["auto", "on", "off"] = Field("auto", description="SPARSE_WEIGHTS: auto = on when the model has 2:4 Linear weights")
     min_batch: int = Field(1, ge=1, description="optimization profile: smallest batch (images)")
     opt_batch: int = Field(8, ge=1, description="optimization profile: batch TensorRT tunes for (images)")
     max_batch: int = Field(32, ge=1, description="optimization profile: largest batch (images); the runtime splits larger ones")
     workspace_mib: int = Field(4096, ge=1, description="builder workspace memory pool limit (MiB)")
     timing_cache: Path | None = Field(None, description="timing cache file reused across builds; default: timing.cache in the engine folder")
-    strongly_typed: bool = Field(False, description="strongly typed network: precision follows the ONNX types (fp32 export -> fp32 engine)")
+    strongly_typed: bool = Field(False, description="TensorRT 10: build fp16/bf16 strongly typed from the converted ONNX instead of with the builder flag (TensorRT 11 always is; int8/fp8 always are)")
     accuracy: bool = Field(True, description="measure the engine's top-1 on the eval split and compare it with ONNX Runtime (CPU, fp32)")
     max_top1_drop: float | None = Field(1.0, ge=0, description="fail when the engine's top-1 is this many points below ONNX Runtime's (None: report only)")
-    if_unavailable: Literal["fail", "skip"] = Field("fail", description="without TensorRT or a GPU: fail the run, or record the reason and go on (the ONNX and trtexec.sh are written either way)")
+    if_unavailable: Literal["fail", "skip"] = Field("fail", description="without TensorRT or a GPU (or the `precision` extra a converted ONNX needs): fail the run, or record the reason and go on (the ONNX and trtexec.sh are written when TensorRT is what is missing)")
 
     @model_validator(mode="after")
     def _batches(self) -> "Engine":

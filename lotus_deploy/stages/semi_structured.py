@@ -1,7 +1,9 @@
 """``semi_structured``: 2:4 masks on the eligible Linears in scope (NVIDIA sparse tensor cores).
 
 In every group of 4 consecutive weights along ``in_features`` (the reduction axis K), the 2
-largest |w| among the weights an earlier mask kept survive. Ineligible layers (shape or dtype
+largest |w| among the weights an earlier mask kept survive (``earlier_mask: within``), or the 2
+largest among all of the layer's weights (``revive``: the earlier mask's zeros lose first, and a
+group with fewer than 2 survivors brings zeros back, which then train). Ineligible layers (shape or dtype
 outside the sparse-kernel constraints, or not a Linear) are skipped and listed with the reason.
 An optional input-channel permutation (:mod:`lotus_deploy.prune.permute`) first raises the magnitude
 2:4 keeps without changing the network's function. ``criterion`` picks the 2 of 4 after it
@@ -45,7 +47,8 @@ def semi_structured(cfg: SemiStructured, state):
         for name, r in out.layers.items():
             state.log.info(f"{state.stage_name}: permute {name}: 2:4 keeps {100 * r['kept_before']:.2f}% -> {100 * r['kept_after']:.2f}% of |w| ({r['seconds']:.2f} s{'' if r['converged'] else ', budget hit'})")
     stats = calibration(state, [cfg.criterion], list(eligible_weights(state.model, cfg.scope)[0]), cfg.calibration_images)
-    pruned, skipped = semi_structured_prune(state.model, cfg.scope, state.masks, cfg.criterion, stats)
+    within = state.masks if cfg.earlier_mask == "within" else None  # revive: the earlier mask's zeros may come back
+    pruned, skipped = semi_structured_prune(state.model, cfg.scope, within, cfg.criterion, stats)
     new = pruned.masks
     params = dict(state.model.named_parameters())
     before = {n: r["kept_before"] for n, r in metrics.get("permutation", {}).get("layers", {}).items()}
@@ -72,7 +75,7 @@ def semi_structured(cfg: SemiStructured, state):
         f"{len(skipped)} skipped -> top1 {ev['top1']:.2f}%"
     )
     metrics.update(
-        top1=ev["top1"], top5=ev["top5"], criterion=cfg.criterion, **mask_report(state, cfg.scope),
+        top1=ev["top1"], top5=ev["top5"], criterion=cfg.criterion, earlier_mask=cfg.earlier_mask, **mask_report(state, cfg.scope),
         two_four_layers=sorted(new), two_four_sparsity=stats["sparsity"], kept_magnitude=mean_kept,
         skipped=skipped, small_layers=small, layers=layers,
     )

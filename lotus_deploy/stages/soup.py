@@ -4,9 +4,11 @@ Each round starts from the current (masked) model. Learners (copies of it) each 
 constant learning rate on their own random ``data_fraction`` of the training subset (own seed);
 the ``combine`` strategy (:data:`lotus_deploy.prune.soup.COMBINES`) cuts their masks (global
 magnitude, or ``criterion: wanda``: |w| x input norm on each learner's own activations over
-``calibration_images`` train images) and merges them, the merged mask is put on the main model, and the main model trains on a
-fraction of the data with it enforced. Rounds stop within ``stop_within`` of the target; the
-remainder is pruned one-shot and the model fine-tuned.
+``calibration_images`` train images) and merges them; the merged mask is put on the main
+model, and the main model trains on a fraction of the data with it enforced. Rounds stop within
+``stop_within`` of the target; the remainder is pruned one-shot (same criterion) and the model
+fine-tuned. ``sparsegpt`` is not offered: its point is the reconstructed weights, which a learner
+discards when only its mask is merged.
 
 ``combine: union_levels`` (LOTUS ISSP) runs one round with one learner cut at several sparsity
 ``levels``; the union of nested magnitude masks is the least sparse level's mask, which the

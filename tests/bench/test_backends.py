@@ -8,6 +8,7 @@ import torch
 
 from lotus_deploy import runtime
 from lotus_deploy.bench.backends import BACKENDS, BackendContext, resolve_backends
+from lotus_deploy.export.precision import missing_packages
 from lotus_deploy.runtime import Predictor
 
 CPU_BACKENDS = ["torch_cpu", "onnxruntime_cpu"]
@@ -83,10 +84,57 @@ def test_onnxruntime_backend_uses_the_one_session_factory(micro_model, ctx, monk
     assert p.details["allow_spinning"] is False and p.details["io_binding"] is False
 
 
+PRECISION_BACKENDS = [f"onnxruntime_cpu_{p}" for p in ("fp16", "bf16", "int8", "fp8")] + [f"tensorrt_{p}" for p in ("fp32", "bf16", "int8", "fp8")]
+
+
+def test_precision_backends_are_registered_opt_in():
+    for name in PRECISION_BACKENDS:
+        b = BACKENDS[name]
+        assert b.precision == name.rsplit("_", 1)[1] and b.family in ("onnxruntime_cpu", "tensorrt") and not b.default and b.needs_onnx
+    assert (BACKENDS["tensorrt"].precision, BACKENDS["tensorrt"].family) == ("fp16", "tensorrt")
+    assert BACKENDS["onnxruntime_cpu"].family == "onnxruntime_cpu" and BACKENDS["onnxruntime_cpu"].precision == "fp32"
+    assert not set(PRECISION_BACKENDS) & {b.name for b in resolve_backends(["auto"])}
+    if not torch.cuda.is_available():  # the GPU ones say why they cannot run here
+        assert all("TensorRT" in BACKENDS[n].available() for n in PRECISION_BACKENDS if n.startswith("tensorrt"))
+
+
+@pytest.mark.skipif(bool(missing_packages()), reason="needs the `precision` extra")
+@pytest.mark.parametrize("precision, atol", [("fp16", 2e-2), ("int8", 0.5), ("fp8", 0.5)])
+def test_onnxruntime_cpu_precision_backend_runs_the_converted_onnx(micro_model, ctx, precision, atol):
+    """The ONNX converted by ctx.convert (once per variant), fp32 IO, on ONNX Runtime CPU."""
+    from lotus_deploy.export.precision import convert_verified
+
+    made = []
+
+    def convert(p):
+        made.append(p)
+        dst = ctx.onnx_path.with_name(f"m.{p}.onnx")
+        calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+        return dst, convert_verified(ctx.onnx_path, dst, p, calib if p in ("int8", "fp8") else None)
+
+    ctx.convert = convert
+    name = f"onnxruntime_cpu_{precision}"
+    assert BACKENDS[name].available() is None
+    p = BACKENDS[name].prepare(micro_model, ctx)
+    assert made == [precision] and p.details["precision"] == precision and p.details["conversion"]["graph"]["precision"] == precision
+    assert p.details["onnx"].endswith(f"m.{precision}.onnx") and p.details["providers"] == ["CPUExecutionProvider"]
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = micro_model(x).numpy()
+    got = p.predict(x)
+    assert got.dtype == np.float32 and got.shape == ref.shape and np.abs(got - ref).max() < atol
+
+
+def test_precision_backend_without_a_converter_says_so(micro_model, ctx):
+    with pytest.raises(RuntimeError, match="no int8 ONNX: this bench cannot convert"):
+        BACKENDS["onnxruntime_cpu_int8"].prepare(micro_model, ctx)
+    assert ctx.onnx_in("fp32") == (ctx.onnx_path, {})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [
     *(n for n in GPU_BACKENDS if n not in ("torch_2to4_fp16", "onnxruntime_tensorrt", "tensorrt")),
-    *(pytest.param(n, marks=pytest.mark.trt) for n in ("onnxruntime_tensorrt", "tensorrt")),
+    *(pytest.param(n, marks=pytest.mark.trt) for n in ("onnxruntime_tensorrt", "tensorrt", "tensorrt_fp32")),
 ])
 def test_gpu_backend_matches_the_model(name, micro_model, ctx):
     """Skipped with the backend's own reason where it cannot run (no GPU here). torch_2to4_fp16 needs a

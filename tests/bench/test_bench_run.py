@@ -129,3 +129,34 @@ def test_bench_stage_reports_rows_skips_and_artifacts(tiny_run, tmp_path):
     if not torch.cuda.is_available():
         assert [s["backend"] for s in result.metrics["skipped"]] == ["torch_cuda_fp16"]
     assert result.metrics["pipeline_efficiency"] is None
+
+
+@pytest.mark.slow  # converts the tiny run's final model to fp16, int8 and bf16, and times them (~15 s)
+def test_bench_precisions_on_the_cpu(tiny_run, tmp_path):
+    """Each precision's top-1 and ONNX Runtime CPU latency next to fp32; the GPU rows skipped with their reason."""
+    from lotus_deploy.export.precision import missing_packages
+
+    if missing_packages():
+        pytest.skip(f"needs the `precision` extra ({', '.join(missing_packages())} missing)")
+    names = ["onnxruntime_cpu", "onnxruntime_cpu_fp16", "onnxruntime_cpu_int8", "onnxruntime_cpu_bf16", "tensorrt_int8"]
+    cfg = BenchConfig(variants=["final"], backends=names, batch_sizes=[1, 4], warmup=1, iters=3, rounds=2, threads=1, pipeline=False)
+    logs: list[str] = []
+    run_bench(Run(tiny_run), cfg, tmp_path, log=logs.append)
+    res = load_results(tmp_path)
+    st = {b.name: b for b in res.backends}
+    assert [st[n].status for n in names[:3]] == ["measured"] * 3
+    assert st["onnxruntime_cpu_int8"].precision == "int8" and st["onnxruntime_cpu_int8"].family == "onnxruntime_cpu"
+    assert st["onnxruntime_cpu_int8"].info["conversion"]["graph"]["precision"] == "int8"
+    assert st["onnxruntime_cpu_int8"].info["conversion"]["calibration_images"] == 128  # export.calibration_images
+    assert st["onnxruntime_cpu_bf16"].status == "failed" and "NOT_IMPLEMENTED" in st["onnxruntime_cpu_bf16"].reason  # no bf16 CPU kernels
+    assert st["tensorrt_int8"].status == "skipped" or torch.cuda.is_available()
+    assert (tmp_path / "onnx" / "final.fp16.onnx").is_file() and (tmp_path / "onnx" / "final.int8.onnx").is_file()
+    acc = {a.backend: a for a in res.accuracy}
+    assert acc["onnxruntime_cpu_fp16"].agreement >= 0.99 and acc["onnxruntime_cpu_int8"].agreement >= 0.9
+    assert {(r.backend, r.batch) for r in res.rows} == {(n, b) for n in names[:3] for b in (1, 4)}
+    assert "cpu_int8" in res.environment and set(res.environment["cpu_int8"]) == {"vnni", "amx"}
+    md = (tmp_path / "report.md").read_text()
+    assert "## Precisions" in md and "### onnxruntime_cpu" in md and "- CPU int8 instructions: VNNI " in md
+    assert "| final | int8 | onnxruntime_cpu_int8 |" in md and "x) |" in md
+    assert "- `tensorrt_int8` (int8) not measured: " in md
+    assert any("final.int8.onnx: int8 ONNX" in m for m in logs)

@@ -82,3 +82,13 @@ def test_resolve_variants_all_and_aliases(tiny_run):
     assert [(v["name"], v["aliases"]) for v in one] == [("dense", ["train"])]
     with pytest.raises(RunError, match="no variant 'nope'"):
         resolve_variants(run, ["nope"])
+
+
+def test_cpu_int8_flags():
+    from lotus_deploy.bench.facts import cpu_int8_flags
+
+    text = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8 avx_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    assert cpu_int8_flags(text) == {"vnni": ["avx512_vnni", "avx_vnni"], "amx": ["amx_bf16", "amx_int8", "amx_tile"]}
+    assert cpu_int8_flags("") == {"vnni": [], "amx": []}
+    here = cpu_int8_flags()  # this machine's /proc/cpuinfo (empty lists where there is none)
+    assert set(here) == {"vnni", "amx"} and all(isinstance(v, list) for v in here.values())

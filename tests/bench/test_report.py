@@ -84,3 +84,31 @@ def test_cli_compare_two_result_files(tmp_path):
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"]["matched"] == n
     bad = CliRunner().invoke(main, ["bench", str(tmp_path / "a"), str(tmp_path / "cmp")])
     assert bad.exit_code == 2 and "no bench results" in bad.output
+
+
+def test_precision_section_ratios_and_unmeasured():
+    from synthetic_bench import row
+
+    from lotus_deploy.bench.report import cpu_int8_line, precision_lines
+
+    d = synthetic_results().model_dump()
+    d["backends"] += [
+        {"name": "onnxruntime_cpu_int8", "description": "", "device": "cpu", "precision": "int8", "family": "onnxruntime_cpu", "status": "measured"},
+        {"name": "tensorrt_int8", "description": "", "device": "cuda", "precision": "int8", "family": "tensorrt", "status": "skipped", "reason": "no GPU here"},
+    ]
+    d["backends"][1]["family"] = "onnxruntime_cpu"
+    d["rows"] += [row("dense", "onnxruntime_cpu_int8", 1, 3.0, 79.0), row("dense", "onnxruntime_cpu_int8", 8, 3.0 * 8 ** 0.5, 79.0)]
+    d["accuracy"].append({"variant": "dense", "backend": "onnxruntime_cpu_int8", "top1": 79.0, "images": 100, "agreement": 0.97,
+                          "max_abs_logit_diff": 0.1, "seconds": 0.1})
+    d["environment"]["cpu_int8"] = {"vnni": ["avx512_vnni"], "amx": []}
+    res = type(synthetic_results()).model_validate(d)
+    text = "\n".join(precision_lines(res))
+    assert "### onnxruntime_cpu" in text and "### torch_cpu" not in text  # one precision only: no table
+    assert "| dense | fp32 | onnxruntime_cpu | 80.00 | 100.00 | 6.00 | 16.97 |" in text
+    assert "| dense | int8 | onnxruntime_cpu_int8 | 79.00 | 97.00 | 3.00 (0.50x) | 8.49 (0.50x) |" in text
+    assert "- `tensorrt_int8` (int8) not measured: no GPU here" in text
+    md = report_markdown(res)
+    assert "## Precisions" in md and "- CPU int8 instructions: VNNI avx512_vnni; AMX none (ONNX Runtime's int8 kernels use VNNI)" in md
+    assert precision_lines(synthetic_results()) == []  # nothing of the kind measured or asked for
+    assert "neither" in cpu_int8_line({"vnni": [], "amx": []})
+    assert cpu_int8_line({"vnni": ["avx512_vnni"], "amx": ["amx_int8", "amx_tile"]}).endswith("use VNNI and AMX)")

@@ -110,10 +110,45 @@ def test_onnx_repository(tiny_run, tmp_path):
     (db,) = cfg["dynamic_batching"]
     assert db["preferred_batch_size"] == [4, 8, 16, 32] and db["max_queue_delay_microseconds"] == [100]
     assert "instance_group" not in cfg  # ONNX: Triton picks CPU or GPU
-    assert cfg["parameters"] == [{"key": ["precision"], "value": [{"string_value": ["fp32"]}]}]  # from the ONNX's types
+    params = {p["key"][0]: p["value"][0]["string_value"][0] for p in cfg["parameters"]}
+    assert params.pop("precision") == "fp32"  # from the ONNX's types
+    pre = json.loads((onnx_path.parent / "preprocess.json").read_text())
+    assert {k: json.loads(v) for k, v in params.items() if k != "normalize"} == {k: pre[k] for k in ("input_size", "mean", "std", "interpolation", "classes")}
+    assert "(x - mean) / std" in params["normalize"]
     assert _sha(tmp_path / name / "1" / "model.onnx") == _sha(onnx_path)
     labels = (tmp_path / name / out["label_filename"][0]).read_text().splitlines()
-    assert labels == json.loads((onnx_path.parent / "preprocess.json").read_text())["classes"]
+    assert labels == pre["classes"]
+
+
+def test_bare_onnx_repository_takes_the_preprocessing_from_the_onnx(tiny_run, tmp_path):
+    """Without preprocess.json next to it, the ONNX's metadata_props give the parameters and labels."""
+    bare = tmp_path / "bare" / "model.onnx"
+    bare.parent.mkdir()
+    bare.write_bytes((tiny_run / "export" / "model.onnx").read_bytes())
+    cfg = parse_pbtxt(write_repository(bare, tmp_path / "repo", "bare").read_text())
+    params = {p["key"][0]: p["value"][0]["string_value"][0] for p in cfg["parameters"]}
+    pre = json.loads((tiny_run / "export" / "preprocess.json").read_text())
+    assert json.loads(params["mean"]) == pre["mean"] and json.loads(params["input_size"]) == pre["input_size"]
+    assert (tmp_path / "repo" / "bare" / "labels.txt").read_text().split() == pre["classes"]
+
+
+def test_existing_version_is_refused_without_force(tiny_run, tmp_path):
+    from lotus_deploy.export.triton import VersionExists, check_version
+
+    onnx_path = tiny_run / "export" / "model.onnx"
+    write_repository(onnx_path, tmp_path, "m", version=2)
+    marker = tmp_path / "m" / "2" / "old.txt"
+    marker.write_text("old")
+    before = (tmp_path / "m" / "config.pbtxt").read_text()
+    with pytest.raises(VersionExists, match=r"m/2 already holds version 2 of Triton model 'm': choose another version \(--triton-version\) or replace it \(--force\)$"):
+        write_repository(onnx_path, tmp_path, "m", version=2, max_batch_size=4)
+    assert (tmp_path / "m" / "config.pbtxt").read_text() == before and marker.is_file()  # nothing written
+    assert check_version(tmp_path, "m", 3) == tmp_path / "m" / "3"  # a free version
+    write_repository(onnx_path, tmp_path, "m", version=2, max_batch_size=4, force=True)
+    assert not marker.exists() and (tmp_path / "m" / "2" / "model.onnx").is_file()
+    assert "max_batch_size: 4" in (tmp_path / "m" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="start at 1"):
+        check_version(tmp_path, "m", 0)
 
 
 def test_onnx_repository_options(tiny_run, tmp_path):
@@ -145,20 +180,20 @@ def test_plan_repository_reads_the_engine_sidecar(tmp_path):
     assert cfg["platform"] == ["tensorrt_plan"] and cfg["max_batch_size"] == [64]
     assert cfg["input"][0]["dims"] == [3, 224, 224] and cfg["output"][0]["dims"] == [100]
     assert cfg["instance_group"][0]["kind"] == ["KIND_GPU"]
-    assert cfg["parameters"][0]["value"] == [{"string_value": ["int8"]}]  # the precision the engine was built in
+    assert cfg["parameters"][0]["key"] == ["precision"] and cfg["parameters"][0]["value"] == [{"string_value": ["int8"]}]  # as built
     assert (tmp_path / "repo" / "vit" / "1" / "model.plan").read_bytes() == b"serialized engine bytes"
     assert len((tmp_path / "repo" / "vit" / "labels.txt").read_text().splitlines()) == 100
     side["io"][0]["dtype"] = "INT32"
     (tmp_path / "e" / "model.plan.json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match="no Triton data type for model I/O of element type 'INT32'"):
-        write_repository(plan, tmp_path / "repo", "vit")
+        write_repository(plan, tmp_path / "repo", "vit", version=2)
     side["io"][0]["dtype"] = "FLOAT"
     (tmp_path / "e" / "model.plan.json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match="exceeds the engine's profile maximum 64"):
-        write_repository(plan, tmp_path / "repo", "vit", max_batch_size=128)
+        write_repository(plan, tmp_path / "repo", "vit", max_batch_size=128, version=2)
     (tmp_path / "e" / "model.plan.json").unlink()
     with pytest.raises(ValueError, match="no sidecar"):
-        write_repository(plan, tmp_path / "repo", "vit")
+        write_repository(plan, tmp_path / "repo", "vit", version=2)
 
 
 @pytest.mark.parametrize("max_batch, expected", [(1, [1]), (8, [4, 8]), (48, [4, 8, 16, 32, 48])])

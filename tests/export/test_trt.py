@@ -25,6 +25,12 @@ from lotus_deploy.export.trt import (
 )
 
 TRT_MISSING = trt.unavailable_reason()
+
+
+def prec_missing() -> list[str]:
+    from lotus_deploy.export.precision import missing_packages
+
+    return missing_packages()
 skip_without_trt = pytest.mark.skipif(TRT_MISSING is not None, reason=f"{TRT_MISSING}")
 
 # Real TensorRT log lines (trtexec --sparsity=enable --verbose, TensorRT 8.x/10.x format).
@@ -65,6 +71,22 @@ def test_build_plan(major, requested, onnx, asked, typed, flags, built):
         assert f"{requested} was asked for but the ONNX holds {onnx}" in plan.warning and f"--precision {requested}" in plan.warning
     assert "SPARSE_WEIGHTS" not in trt.build_plan(major, requested, onnx, asked, sparse=False).flags
     assert "SPARSE_WEIGHTS" in trt.build_plan(major, requested, onnx, asked, sparse=None).flags  # auto = on
+
+
+SOURCES = [  # (TensorRT major, requested, strongly typed asked) -> precision of the ONNX built from
+    (10, "fp32", False, "fp32"), (10, "fp16", False, "fp32"), (10, "bf16", False, "fp32"),  # builder flags on model.onnx
+    (10, "fp16", True, "fp16"), (10, "int8", False, "int8"), (10, "fp8", False, "fp8"),
+    (11, "fp32", False, "fp32"), (11, "fp16", False, "fp16"), (11, "bf16", False, "bf16"), (11, "int8", False, "int8"), (11, "fp8", True, "fp8"),
+]
+
+
+@pytest.mark.parametrize("major, requested, asked, source", SOURCES, ids=[f"trt{m}-{r}{'-typed' if a else ''}" for m, r, a, _ in SOURCES])
+def test_source_precision_builds_what_was_asked_for(major, requested, asked, source):
+    """The ONNX the engine stage builds from makes build_plan build the requested precision, without a warning."""
+    assert trt.source_precision(major, requested, asked) == source
+    plan = trt.build_plan(major, requested, source, asked)
+    assert plan.built == requested and plan.warning is None
+    assert plan.strongly_typed == (major >= 11 or source != "fp32" or asked)
 
 
 def test_build_plan_rejects():
@@ -202,15 +224,18 @@ def test_cli_export_trt_without_tensorrt(tiny_run, tmp_path):
         capture_output=True, text=True, env=subprocess_env(), timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    assert (out / "model.onnx").is_file() and (out / "preprocess.json").is_file() and (out / "trtexec.sh").is_file()
-    assert not (out / "model.plan").exists() and not repo.exists()
+    assert (out / "model.onnx").is_file() and (out / "preprocess.json").is_file() and (out / "trtexec.fp16.sh").is_file()
+    if not prec_missing():  # the engine stage's default fp16, made for TensorRT 11
+        assert (out / "model.fp16.onnx").is_file() and "--onnx=model.fp16.onnx" in (out / "trtexec.fp16.sh").read_text()
+    assert not list(out.glob("*.plan")) and not repo.exists()
     errors = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln.lower() or "tensorrt" in ln.lower()]
     assert errors == [proc.stderr.strip().splitlines()[-1]] and "pip install tensorrt" in errors[0]
     assert "model.onnx" in proc.stdout
 
 
 def test_engine_stage_skip_and_fail(tiny_recipe_dict, tmp_path):
-    """``if_unavailable: skip`` records the reason and keeps the ONNX; ``fail`` stops the run."""
+    """``if_unavailable: skip`` records the reason and keeps the ONNX (fp32 and, for TensorRT 11, the
+    converted fp16 one the engine would be built from); ``fail`` stops the run."""
     from lotus_deploy.errors import RunError
     from lotus_deploy.pipeline import compress
     from lotus_deploy.recipe import parse_recipe
@@ -227,9 +252,14 @@ def test_engine_stage_skip_and_fail(tiny_recipe_dict, tmp_path):
     assert entry["status"] == "done"
     if TRT_MISSING is None:
         pytest.skip("TensorRT present: the engine was built, nothing was skipped")
+    if prec_missing():  # the fp16 ONNX cannot be made: skipped for that reason, before anything is written
+        assert entry["metrics"]["skipped"].startswith("the fp16 ONNX needs") and entry["artifacts"] == {}
+        return
     assert entry["metrics"] == {"skipped": TRT_MISSING}
-    assert set(entry["artifacts"]) == {"onnx", "preprocess", "trtexec"}
-    assert "--maxShapes=input:16x3x32x32" in (run_dir / "engine" / "trtexec.sh").read_text()
+    assert set(entry["artifacts"]) == {"onnx", "preprocess", "trtexec", "onnx_fp16", "onnx_fp16_json"}
+    script = (run_dir / "engine" / "trtexec.sh").read_text()
+    assert "--maxShapes=input:16x3x32x32" in script and "--onnx=model.fp16.onnx" in script
+    assert "--fp16" not in script  # written for TensorRT 11: strongly typed from the fp16 ONNX
     state = RunState.from_run(Run(run_dir), quiet=True)
     with pytest.raises(RunError, match="pip install tensorrt"):
         engine(Engine(), state)

@@ -174,7 +174,36 @@ def build(case: str, d: Path) -> list[str]:
         f = d / "w.pth"
         f.write_bytes(pickle.dumps({"x": _Evil()}))
         return ["inspect", str(f)]
+    if case == "predict-truncated-jpeg":
+        onnx_path = _linear_onnx(d)
+        img = d / "x.jpg"
+        from PIL import Image
+
+        Image.new("RGB", (32, 32), (1, 2, 3)).save(img)
+        img.write_bytes(img.read_bytes()[:40])
+        return ["predict", str(onnx_path), str(img)]
+    if case.startswith("truncated-manifest-"):
+        run = d / "run0"
+        run.mkdir()
+        write_yaml(run / "recipe.yaml", recipe())
+        (run / "manifest.json").write_text('{"version": 1, "stag')
+        cmd = case[len("truncated-manifest-"):]
+        return [cmd, str(run)]
     raise AssertionError(case)
+
+
+def _linear_onnx(d: Path) -> Path:
+    """A tiny valid ONNX classifier (32x32 RGB -> 10 logits) with its preprocess.json."""
+    import json
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
+    path = d / "model.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17)
+    (d / "preprocess.json").write_text(json.dumps({"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}))
+    return path
 
 
 CASES = [
@@ -185,6 +214,7 @@ CASES = [
     "data-root-missing", "num-classes-too-small", "test-classes-differ", "corrupt-jpeg", "resume-nothing",
     "img-size-not-multiple",
     "predict-garbage-onnx", "inspect-garbage-onnx", "inspect-garbage-pth", "inspect-malicious-pth",
+    "predict-truncated-jpeg", "truncated-manifest-inspect", "truncated-manifest-bench", "truncated-manifest-export",
 ]
 
 WHAT = {
@@ -201,4 +231,6 @@ WHAT = {
     "resume-nothing": "--resume on a folder with no run", "img-size-not-multiple": "img_size not a multiple of the patch",
     "predict-garbage-onnx": "predict with a garbage .onnx", "inspect-garbage-onnx": "inspect a garbage .onnx",
     "inspect-garbage-pth": "inspect a garbage .pth", "inspect-malicious-pth": "inspect a malicious .pth",
+    "predict-truncated-jpeg": "predict on a truncated JPEG", "truncated-manifest-inspect": "inspect a run whose manifest.json is truncated",
+    "truncated-manifest-bench": "bench a run whose manifest.json is truncated", "truncated-manifest-export": "export a run whose manifest.json is truncated",
 }

@@ -9,7 +9,13 @@ import torch
 
 from lotus_deploy.masks import apply_masks_, masks_hash, spread
 from lotus_deploy.prune.calibration import calibrate, reconstruction_error
-from lotus_deploy.prune.criteria import CRITERIA, Magnitude, apply_pruned_, prune_model, statistic_for
+from lotus_deploy.prune.criteria import (
+    CRITERIA,
+    Magnitude,
+    apply_pruned_,
+    prune_model,
+    statistic_for,
+)
 from lotus_deploy.prune.magnitude import prune_masks
 from lotus_deploy.prune.sparsegpt import sparsegpt_prune
 from lotus_deploy.prune.sweep import sweep
@@ -81,6 +87,15 @@ def test_calibration_accumulates_inputs_without_changing_the_model(micro_model):
     assert all(torch.equal(v, before[k]) for k, v in micro_model.state_dict().items())
     with pytest.raises(ValueError, match="nn.Linear"):
         calibrate(micro_model, ["patch_embed.proj.weight"], images().split(8))
+
+
+def test_calibration_follows_a_token_dropping_forward(micro_model):
+    from lotus_deploy.prune.tickets import forward_tokens
+
+    x = images(8)
+    idx = torch.arange(6).repeat(8, 1)  # (B, K): keep 6 of the 16 patches
+    cal = calibrate(micro_model, ["blocks.1.attn.qkv.weight"], [(x, idx)], forward=lambda x, i: forward_tokens(micro_model, x, i))
+    assert cal.tokens["blocks.1.attn.qkv.weight"] == 8 * (6 + 1) and cal.images == 8  # kept patches + CLS
 
 
 @pytest.mark.parametrize("criterion, granularity", COMBOS)

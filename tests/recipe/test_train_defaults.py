@@ -105,13 +105,13 @@ def test_fingerprint_follows_the_inherited_settings(tiny_recipe_dict):
 
 
 def test_shipped_recipes_keep_their_previous_training():
-    """demo.yaml and cifar10.yaml train exactly as before the ``train:`` section existed."""
+    """demo.yaml and cifar10_prune30.yaml (the former cifar10.yaml) train exactly as before the ``train:`` section existed."""
     demo = {s.name: s for s in load_recipe(ROOT / "recipes" / "demo.yaml").stages}
     for name, lr, ls, warmup in (("train", 2e-3, 0.1, 0.05), ("recover", 5e-4, 0.0, 0.1)):
         s = demo[name]
         assert (s.lr, s.backbone_lr, s.label_smoothing, s.warmup) == (lr, lr, ls, warmup), name
         assert (s.weight_decay, s.schedule, s.grad_clip, s.batch_size) == (0.05, "cosine", 0, 32), name
-    cifar = load_recipe(ROOT / "recipes" / "cifar10.yaml", ["data.root=/nonexistent"]).stages
+    cifar = load_recipe(ROOT / "recipes" / "cifar10_prune30.yaml", ["data.root=/nonexistent"]).stages
     assert [(s.lr, s.backbone_lr, s.grad_clip, s.label_smoothing) for s in cifar if s.kind == "finetune"] == [
         (1e-3, 3e-5, 0, 0.1), (3e-4, 1e-5, 0, 0.1)]
 

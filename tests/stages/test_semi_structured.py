@@ -114,3 +114,35 @@ def test_recipe_validation():
     raw["stages"] = [{"kind": "semi_structured"}, {"kind": "bake"}]
     r = parse_recipe(raw)
     assert r.stages[0].scope == ["blocks.*"] and r.stages[0].permute is False
+
+
+@pytest.mark.parametrize("earlier_mask", ["within", "revive"])
+def test_earlier_mask_within_or_revive(earlier_mask, tiny_recipe_dict, tmp_path):
+    """within: 2:4 inside the earlier mask (sparser than 50 %); revive: exactly 50 % in each 2:4 layer,
+    the earlier zeros losing first, so the kept weights are a superset of the earlier kept non-zeros' top 2."""
+    from lotus_deploy.files import load_tensors, read_json
+    from lotus_deploy.pipeline import compress
+    from lotus_deploy.recipe import parse_recipe
+
+    raw = tiny_recipe_dict
+    raw["stages"] = [
+        {"kind": "finetune", "name": "train", "steps": 2, "lr": 2e-3},
+        {"kind": "magnitude_prune", "sparsity": 0.6},
+        {"kind": "semi_structured", "earlier_mask": earlier_mask},
+    ]
+    run = compress(parse_recipe(raw), out=tmp_path / earlier_mask, quiet=True)
+    m = read_json(run / "manifest.json")
+    prune, ss = m["stages"][1], m["stages"][2]
+    before = load_tensors(run / prune["artifacts"]["masks"]["path"])
+    after = load_tensors(run / ss["artifacts"]["masks"]["path"])
+    assert ss["metrics"]["earlier_mask"] == earlier_mask
+    for name in ss["metrics"]["two_four_layers"]:
+        a, b = after[name].bool(), before[name].bool()
+        assert is_two_four(a.float(), 1)
+        if earlier_mask == "within":
+            assert not (a & ~b).any() and a.float().mean() < 0.5  # a subset of the earlier mask
+        else:
+            assert a.float().mean() == 0.5  # exactly 2 of every 4
+    weights = load_tensors(run / ss["artifacts"]["model"]["path"])
+    for name, mask in after.items():
+        assert not weights[name][~mask.bool()].any()  # zeros stay zero
