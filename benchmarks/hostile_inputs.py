@@ -34,7 +34,8 @@ def main() -> None:
             argv = build(case, work)
             r = lotus(*argv, cwd=cwd)
             lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-            first = (lines[0] if lines else "").replace(tmp, "<tmp>").replace("|", "\\|")
+            # the error is the last line (a run that failed mid-stage logged its progress before it)
+            first = (lines[-1] if lines else "").replace(tmp, "<tmp>").replace("|", "\\|")
             rows.append((case, WHAT[case], r.returncode, "Traceback" in r.stderr, len(lines), first[:160]))
             print(f"{case}: exit {r.returncode}", file=sys.stderr)
     ok = sum(1 for r in rows if r[2] == 2 and not r[3])
@@ -44,7 +45,7 @@ def main() -> None:
         f"Command: `python benchmarks/hostile_inputs.py` ({datetime.now(timezone.utc):%Y-%m-%d}, {platform.platform()}, "
         f"Python {platform.python_version()}). {ok} of {len(rows)} inputs end with exit code 2 and no traceback.",
         "",
-        "| input | what | exit | traceback | stderr lines | first line |",
+        "| input | what | exit | traceback | stderr lines | the error (last line) |",
         "|---|---|---|---|---|---|",
     ]
     md += [f"| `{c}` | {w} | {e} | {'yes' if t else 'no'} | {n} | `{f}` |" for c, w, e, t, n, f in rows]

@@ -65,9 +65,9 @@ def main(verbose: bool, quiet: bool) -> None:
     if verbose or quiet:
         logging.getLogger("lotus").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if quiet:
-        from lotus_deploy.progress import _QUIET
+        from lotus_deploy.progress import quiet_process
 
-        _QUIET.set(True)  # for this whole process
+        quiet_process()
 
 
 @main.command()
@@ -110,7 +110,7 @@ def compress(recipe: Path, out: Path | None, resume: bool, force: bool, rerun_fr
         from lotus_deploy.recipe import load_recipe
 
         r = load_recipe(recipe, list(overrides))
-        check_inputs(r, str(recipe))
+        check_inputs(r, str(recipe), deep=True)
         run_dir = run_compress(r, out=out, resume=resume, force=force, quiet=quiet, rerun_from=rerun_from)
     report = run_dir / "bench" / "report.md"
     click.echo(f"run: {run_dir}" + (f"\nreport: {report}" if report.exists() else ""))
@@ -323,10 +323,7 @@ def inspect(path: Path | None, as_json: bool) -> None:
         path = path or _latest()
         from lotus_deploy.inspection import format_report, inspect_path
 
-        try:
-            rep = inspect_path(path)
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
+        rep = inspect_path(path)
     click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -20,11 +21,12 @@ from lotus_deploy.errors import InputError
 from lotus_deploy.models import InputSpec
 from lotus_deploy.progress import bar
 from lotus_deploy.recipe.base import DataConfig
+from lotus_deploy.registry import Registry
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-class _Digits(Dataset):
+class DigitsDataset(Dataset):
     """scikit-learn's bundled handwritten digits (8x8, 1,797 images) as RGB PIL images.
 
     The split is fixed: a stratified 75/25 train/test split with seed 0.
@@ -83,22 +85,51 @@ def build_transform(spec: InputSpec, train: bool, augment: str = "none"):
     return T.Compose(ops)
 
 
+DATASETS: Registry[Callable[[DataConfig, bool, Any], Dataset]] = Registry("dataset kind")
+"""``data.kind`` -> ``fn(cfg, train, transform)`` building the full train or eval split."""
+
+
+def register_dataset(kind: str):
+    """Register a split builder for ``data.kind`` (duplicates refused)."""
+    return lambda fn: DATASETS.add(kind, fn)
+
+
 def split_dataset(cfg: DataConfig, train: bool, transform) -> Dataset:
     """The full train or eval split (before subsetting) with ``targets`` and ``classes``."""
-    from torchvision.datasets import CIFAR10
+    return DATASETS[cfg.kind](cfg, train, transform)
 
-    if cfg.kind == "digits":
-        return _Digits(train, transform)
-    if cfg.root is None:
-        raise ValueError(f"data.root is required for data.kind={cfg.kind}")
-    root = Path(cfg.root).expanduser()
-    if cfg.kind == "cifar10" and not (root / "train").is_dir():
-        return CIFAR10(str(root), train=train, transform=transform, download=cfg.download)
+
+@register_dataset("digits")
+def _digits(cfg: DataConfig, train: bool, transform) -> Dataset:
+    return DigitsDataset(train, transform)
+
+
+def _image_folder(root: Path, cfg: DataConfig, train: bool, transform) -> Dataset:
     names = ["train"] if train else ["test", "val"]
     for n in names:
         if (root / n).is_dir():
             return CheckedImageFolder(str(root / n), transform=transform, bad_images=cfg.bad_images)
     raise InputError(f"data.root {root} has no {' or '.join(n + '/' for n in names)} folder")
+
+
+@register_dataset("imagefolder")
+def _imagefolder(cfg: DataConfig, train: bool, transform) -> Dataset:
+    if cfg.root is None:
+        raise InputError(f"data.root is required for data.kind={cfg.kind}")
+    return _image_folder(Path(cfg.root).expanduser(), cfg, train, transform)
+
+
+@register_dataset("cifar10")
+def _cifar10(cfg: DataConfig, train: bool, transform) -> Dataset:
+    """An ImageFolder ``train/``/``test/`` tree under root, else torchvision's CIFAR10 (may download)."""
+    from torchvision.datasets import CIFAR10
+
+    if cfg.root is None:
+        raise InputError(f"data.root is required for data.kind={cfg.kind}")
+    root = Path(cfg.root).expanduser()
+    if (root / "train").is_dir():
+        return _image_folder(root, cfg, train, transform)
+    return CIFAR10(str(root), train=train, transform=transform, download=cfg.download)
 
 
 class CheckedImageFolder(ImageFolder):

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from lotus_deploy.errors import InputError
 from lotus_deploy.export.verify import float_types, onnx_weights
 from lotus_deploy.export.verify import weight_stats as _stats
 from lotus_deploy.files import CHECKPOINT_SUFFIXES, read_onnx
@@ -148,7 +149,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a file of another kind.
+        InputError: a file of another kind, or one that cannot be read.
     """
     path = Path(path)
     if not path.exists():
@@ -159,7 +160,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         return inspect_onnx(path)
     if path.suffix in CHECKPOINT_SUFFIXES:
         return inspect_checkpoint(path)
-    raise ValueError(f"cannot inspect {path.name}: expected a run directory, .onnx or {'/'.join(CHECKPOINT_SUFFIXES)}")
+    raise InputError(f"cannot inspect {path}: expected a run directory, .onnx or {'/'.join(CHECKPOINT_SUFFIXES)}")
 
 
 # ----------------------------------------------------------------------------- text

@@ -146,7 +146,7 @@ def compress(
     if old is not None and not force:
         _check_resumable(recipe, old, run_dir, upto=keep_upto)
     _check_out_dir(run_dir, old is not None)
-    check_inputs(recipe)  # weights, data root, classes, sizes: before the first byte is written
+    check_inputs(recipe, deep=True)  # weights, data root, classes, sizes: before the first byte is written
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir), quiet_bars(quiet):
@@ -232,7 +232,7 @@ def _run(recipe, run_dir: Path, old: dict | None, keep_upto: int | None, quiet: 
         try:
             with torch.random.fork_rng(devices=[]):
                 result = stage_fn(cfg)(cfg, state)
-            _guard(recipe, cfg, result.metrics, entering)
+            check_stage_result(recipe, cfg, result.metrics, entering)
             artifacts = {k: artifact_record(run_dir, inside(run_dir, p)) for k, p in result.artifacts.items()}
             if result.model_changed:
                 artifacts.update(save_checkpoint(state, state.stage_dir))
@@ -263,7 +263,7 @@ def _entering_top1(manifest: dict, i: int) -> float | None:
     return None
 
 
-def _guard(recipe, cfg, metrics: dict, entering: float | None) -> None:
+def check_stage_result(recipe, cfg, metrics: dict, entering: float | None) -> None:
     """Fail a stage whose top-1 is not a finite number, or that collapsed to chance.
 
     A collapse: the stage ends within ``guard.collapse_margin`` points of chance (100 /

@@ -138,8 +138,45 @@ def input_problems(recipe) -> list[Problem]:
     return out
 
 
-def check_inputs(recipe, source: str = "recipe") -> None:
-    """Raise :class:`RecipeError` (exit 2, one line a problem) when an input is unusable."""
+RESAMPLED = ("pos_embed", "patch_embed.proj.weight")  # timm resamples these to the model's size
+
+
+def weights_fit_problem(model_cfg) -> str | None:
+    """Why the weights file cannot load into the recipe's architecture, or None (imports torch).
+
+    Reads the file the way the model factory will (``.pth`` with ``weights_only``) and compares
+    tensor shapes name by name with the bare model; positional embeddings and the patch
+    projection are resampled by timm and the classifier head may differ.
+    """
+    from lotus_deploy.errors import InputError
+    from lotus_deploy.models import build_model, checkpoint_shapes
+
+    path = Path(model_cfg.weights).expanduser()
+    try:
+        shapes = checkpoint_shapes(path)
+    except InputError as e:
+        return str(e)
+    model = build_model(model_cfg, with_weights=False)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head") + "."
+    bad = [k for k in own if k in shapes and shapes[k] != own[k] and not k.endswith(RESAMPLED) and not k.startswith(head)]
+    if bad:
+        k = bad[0]
+        return f"{path}: {len(bad)} tensor(s) do not fit {model_cfg.name} (e.g. {k}: file {shapes[k]} vs model {own[k]})"
+    return None
+
+
+def check_inputs(recipe, source: str = "recipe", deep: bool = False) -> None:
+    """Raise :class:`RecipeError` (exit 2, one line a problem) when an input is unusable.
+
+    Args:
+        deep: also load the weights file's tensor list and compare shapes with the architecture
+            (imports torch and timm; ``lotus compress`` does this before writing anything).
+    """
     problems = input_problems(recipe)
+    if deep and not problems and recipe.model.weights is not None:
+        why = weights_fit_problem(recipe.model)
+        if why:
+            problems.append(Problem("model.weights", why))
     if problems:
         raise RecipeError(source, problems)

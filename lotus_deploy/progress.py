@@ -20,6 +20,11 @@ def quiet(flag: bool = True) -> Iterator[None]:
         _QUIET.reset(token)
 
 
+def quiet_process() -> None:
+    """Silence progress bars for the rest of this process (``lotus -q``)."""
+    _QUIET.set(True)
+
+
 def is_quiet() -> bool:
     return _QUIET.get()
 

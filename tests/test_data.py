@@ -66,3 +66,14 @@ def test_train_and_test_classes_must_match(tmp_path):
     root = tree(tmp_path, test_classes=("a", "c"))
     with pytest.raises(InputError, match="train and eval class folders differ"):
         build_data(DataConfig(kind="imagefolder", root=root), SPEC)
+
+
+def test_every_data_kind_has_a_registered_builder_and_duplicates_are_refused():
+    import typing
+
+    from lotus_deploy.data import DATASETS, register_dataset
+
+    kinds = typing.get_args(DataConfig.model_fields["kind"].annotation)
+    assert set(kinds) == set(DATASETS)
+    with pytest.raises(KeyError, match="already registered"):
+        register_dataset("digits")(lambda cfg, train, tf: None)

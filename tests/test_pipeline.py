@@ -88,11 +88,11 @@ def test_resolved_recipe_and_environment(tiny_run):
 
 
 def test_subsets_are_saved_and_class_balanced(tiny_run):
-    from lotus_deploy.data import _Digits
+    from lotus_deploy.data import DigitsDataset
 
     sub = read_json(tiny_run / "subsets.json")
     assert sub["seed"] == 0 and len(sub["train"]) == 200 and len(sub["eval"]) == 100
-    targets = _Digits(train=True).targets
+    targets = DigitsDataset(train=True).targets
     counts = torch.bincount(torch.tensor([targets[i] for i in sub["train"]]), minlength=10)
     assert counts.tolist() == [20] * 10
 

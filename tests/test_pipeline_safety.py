@@ -137,16 +137,16 @@ def test_nan_loss_fails_the_stage_and_keeps_json_strict(tmp_path):
 
 
 def test_collapse_to_chance_fails_with_advice(tmp_path):
-    from lotus_deploy.pipeline import _guard
+    from lotus_deploy.pipeline import check_stage_result
 
     r = parse_recipe(tiny())
     cfg = r.stages[0]
     with pytest.raises(RunError, match="collapsed: top-1 11.00% \\(chance 10.0%\\) after entering at 84.30%"):
-        _guard(r, cfg, {"top1": 11.0}, entering=84.3)
-    _guard(r, cfg, {"top1": 11.0}, entering=12.0)  # never was above chance: no collapse
-    _guard(r, cfg, {"top1": 70.0}, entering=84.3)  # a drop, not a collapse
+        check_stage_result(r, cfg, {"top1": 11.0}, entering=84.3)
+    check_stage_result(r, cfg, {"top1": 11.0}, entering=12.0)  # never was above chance: no collapse
+    check_stage_result(r, cfg, {"top1": 70.0}, entering=84.3)  # a drop, not a collapse
     r.guard.enabled = False
-    _guard(r, cfg, {"top1": 11.0}, entering=84.3)
+    check_stage_result(r, cfg, {"top1": 11.0}, entering=84.3)
 
 
 def test_full_disk_marks_the_stage_failed(tmp_path, monkeypatch):

@@ -32,8 +32,9 @@ def plot_pareto(res: BenchResults, path: str | Path) -> Path:
             pts = [r for r in rows if r.backend == b]
             if pts:
                 ax.scatter([r.latency_median_ms for r in pts], [r.top1 for r in pts], marker=MARKERS[i % len(MARKERS)], s=46, label=b, zorder=3)
-        for r in rows:
-            ax.annotate(r.variant, (r.latency_median_ms, r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for j, r in enumerate(_label_points(rows)):  # one label per variant, alternating above/below
+            ax.annotate(r.variant, (r.latency_median_ms, r.top1), fontsize=7, xytext=(4, 4 if j % 2 == 0 else -10),
+                        textcoords="offset points")
         front = front_line([(r.latency_median_ms, r.top1) for r in rows])
         if front:
             xs, ys = zip(*front)
@@ -53,6 +54,15 @@ def plot_pareto(res: BenchResults, path: str | Path) -> Path:
         axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{res.recipe}: accuracy vs latency")
     return save_figure(fig, path)
+
+
+def _label_points(rows) -> list:
+    """The row that carries each variant's label: its fastest backend (labels do not pile up)."""
+    best: dict[str, object] = {}
+    for r in rows:
+        if r.variant not in best or r.latency_median_ms < best[r.variant].latency_median_ms:
+            best[r.variant] = r
+    return sorted(best.values(), key=lambda r: r.latency_median_ms)
 
 
 def plot_sparsity(res: BenchResults, path: str | Path) -> Path:

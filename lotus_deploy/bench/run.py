@@ -57,6 +57,7 @@ from lotus_deploy.bench.results import (
 from lotus_deploy.bench.timing import Timed, time_arms, time_fn
 from lotus_deploy.errors import RunError
 from lotus_deploy.metrics import agreement, top1_loop
+from lotus_deploy.progress import bar
 from lotus_deploy.runtime import Predictor
 
 # ----------------------------------------------------------------------------- accuracy and pipeline
@@ -65,7 +66,7 @@ from lotus_deploy.runtime import Predictor
 def accuracy_pass(predict: Callable[[Any], Any], loader) -> dict[str, Any]:
     """Top-1 (%) of ``predict``'s own logits over ``loader`` (:func:`lotus_deploy.metrics.top1_loop`);
     also the logits ``(N, classes)`` (numpy float32) and the loop's wall time (s)."""
-    r = top1_loop({"p": predict}, loader, keep_logits=True)["p"]
+    r = top1_loop({"p": predict}, bar(loader, desc="bench accuracy", unit="batch"), keep_logits=True)["p"]
     return {"top1": r["top1"], "images": r["images"], "logits": r["logits"], "seconds": r["seconds"]}
 
 
@@ -247,8 +248,11 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+        progress = bar(total=len(variants), desc="bench variants", unit="variant")
         for v in variants:
             name = v["name"]
+            progress.set_postfix_str(name)
+            progress.update(1)
             model, masks = run.load(name)
             apply_masks_(model, masks)
             spec = input_spec(model)
@@ -301,6 +305,7 @@ def run_bench(run, cfg, out_dir: Path, log: Callable[[str], Any] = print, data=N
             del model, prepared
             if cfg.interleave == "backends":
                 time_pending()
+        progress.close()
         time_pending()
         pipeline = None
         if cfg.pipeline and variants:

@@ -99,7 +99,7 @@ class Problem:
 
     def format(self, source: str) -> str:
         got = f" (got {_short(self.value)})" if self.has_value else ""
-        return f"{source}: {self.loc or '<recipe>'}: {self.msg}{got}"
+        return f"{source}: {self.loc + ': ' if self.loc else ''}{self.msg}{got}"
 
 
 def _short(value: Any) -> str:

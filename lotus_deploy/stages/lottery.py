@@ -96,7 +96,7 @@ def _scores(cfg, state, teacher, dataset, split: str, block_ids: list[int]):
     return scores, source, path, seconds
 
 
-class _OnlineForward:
+class OnlineForward:
     """``forward(x, extra)`` that lets a frozen teacher pick each batch's K tickets (augmentation allowed)."""
 
     def __init__(self, cfg, model, teacher, block_ids, patches: int, k: int, seed: int):
@@ -289,7 +289,7 @@ def lottery_finetune(cfg: LotteryFinetune, state):
             frozen = copy.deepcopy(model).eval()
             for p in frozen.parameters():
                 p.requires_grad_(False)
-        forward = _OnlineForward(cfg, model, frozen, block_ids, P, K, seed)
+        forward = OnlineForward(cfg, model, frozen, block_ids, P, K, seed)
         make_loader, steps_per_epoch = None, None
         metrics["scores_source"] = "online"
 

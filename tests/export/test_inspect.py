@@ -270,4 +270,4 @@ def test_cli(sparse_micro, tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("x")
     res = CliRunner().invoke(main, ["inspect", str(other)])
-    assert res.exit_code == 2 and "cannot inspect notes.txt" in res.output
+    assert res.exit_code == 2 and "cannot inspect " in res.output and "notes.txt: expected a run directory" in res.output

@@ -224,13 +224,13 @@ def test_online_scoring_keeps_augmentation_and_named_teacher(tmp_path, monkeypat
     from lotus_deploy.stages import lottery
 
     teachers = []
-    orig = lottery._OnlineForward.__init__
+    orig = lottery.OnlineForward.__init__
 
     def spy(self, cfg, model, teacher, *a):
         teachers.append((model, teacher))
         orig(self, cfg, model, teacher, *a)
 
-    monkeypatch.setattr(lottery._OnlineForward, "__init__", spy)
+    monkeypatch.setattr(lottery.OnlineForward, "__init__", spy)
     stages = [
         {"kind": "finetune", "name": "train", "steps": 3, "lr": 2e-3},
         {"kind": "lottery_finetune", "name": "online", "steps": 3, "keep": 0.5, "scoring": "online", "teacher": "initial", "show": 2},
@@ -247,13 +247,13 @@ def test_online_scoring_keeps_augmentation_and_named_teacher(tmp_path, monkeypat
 def test_online_forward_picks_teacher_tickets():
     from lotus_deploy.models import build_model
     from lotus_deploy.recipe.base import ModelConfig
-    from lotus_deploy.stages.lottery import _OnlineForward
+    from lotus_deploy.stages.lottery import OnlineForward
 
     cfg = _recipe([{"kind": "lottery_finetune", "keep": 0.5, "scoring": "online"}]).stages[0]
     torch.manual_seed(0)
     m = build_model(ModelConfig(name="lotus_vit_micro_patch8_32", num_classes=10)).eval()
     x = torch.randn(3, 3, 32, 32)
-    fwd = _OnlineForward(cfg, m, m, [1], 16, T.num_kept(16, cfg.keep_ratio), seed=0)
+    fwd = OnlineForward(cfg, m, m, [1], 16, T.num_kept(16, cfg.keep_ratio), seed=0)
     want = T.top_k(T.score_images(m, x, [1])["normalize"], 8)
     assert torch.equal(fwd.idx(x), want)
     torch.testing.assert_close(fwd(x), T.forward_tokens(m, x, want))
