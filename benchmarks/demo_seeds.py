@@ -9,7 +9,7 @@ CPU is the stand-in for the spread over x86 CPUs; a threshold a user may rely on
 minimum seen here.
 
 Each run is a fresh ``lotus compress`` of the recipe in its own process, torch (and OpenMP/MKL)
-limited to the given thread count. The export and bench stages change no weights and are left
+limited to the given thread count (``OMP_WAIT_POLICY=PASSIVE``: no spinning, same numbers). The export and bench stages change no weights and are left
 out unless ``--full`` (they only cost time). Writes ``<out>.json`` and ``<out>.md``: per seed and
 thread count the dense top-1 (after ``train``) and final top-1 (after ``recover``), wall time;
 min/mean/max; CPU model and flags, torch version, load average; and this command.
@@ -102,10 +102,12 @@ def trimmed_recipe(path: Path, overrides: list[str], seed: int, full: bool, dest
 
 
 def run_one(recipe: Path, seed: int, threads: int, tmp: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # PASSIVE: idle OpenMP threads sleep instead of spinning; same work split, same numbers, but a
+    # second thread no longer makes every step 10-100x slower on a loaded machine.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     out = tmp / f"run_s{seed}_t{threads}"
     cmd = [sys.executable, __file__, "--worker", str(recipe), str(out), str(threads)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
     if p.returncode != 0:
         raise SystemExit(f"seed {seed}, {threads} thread(s) failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -123,12 +125,14 @@ def markdown(res: dict) -> str:
         f"Command: `{res['command']}` ({res['date']}).",
         "",
         f"Recipe: `{p['recipe']}`" + (f" with `{' '.join('--set ' + o for o in p['overrides'])}`" if p["overrides"] else "")
-        + (" (all stages)." if p["full"] else f" without its {'/'.join(SKIPPED_KINDS)} stages (they change no weights)."),
-        f"CPU: {p['cpu']} ({p['cpu_count']} logical cores), flags {', '.join(p['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}, "
-        f"torch CPU capability {p['torch_cpu_capability']}; torch {p['torch']}, timm {p['timm']}, Python {p['python']}.",
-        f"Seeds {', '.join(map(str, p['seeds']))}; torch threads {', '.join(map(str, p['threads']))} "
-        "(OMP/MKL alike), each run a fresh process. Eval split: scikit-learn digits test split, 450 images "
-        "(one image = 0.22 point).",
+        + (" (all stages)." if p["full"] else f" without its {'/'.join(SKIPPED_KINDS)} stages (they change no weights).")
+        + " Wall: the run's `compress` call, model build to last stage.",
+        (f"CPU: {p['cpu']} ({p['cpu_count']} logical cores), flags {', '.join(p['flags']) or 'none'} "
+         f"(of {', '.join(CPU_FLAGS)}), "
+         f"torch CPU capability {p['torch_cpu_capability']}; torch {p['torch']}, timm {p['timm']}, Python {p['python']}."),
+        (f"Seeds {', '.join(map(str, p['seeds']))}; torch threads {', '.join(map(str, p['threads']))} "
+         "(OMP/MKL alike, OMP_WAIT_POLICY=PASSIVE), each run a fresh process. Eval split: scikit-learn digits test split, 450 images "
+         "(one image = 0.22 point)."),
         f"Load average before / after: {p['load_before']} / {p['load_after']} (a shared machine: wall times are indicative).",
         "",
         "| seed | threads | dense top-1 (%) | final top-1 (%) | wall (s) |",
@@ -143,11 +147,35 @@ def markdown(res: dict) -> str:
     s = res["summary"]
     lines += [
         "",
-        f"Lowest dense top-1 {s['dense']['min']:.2f}% ({s['dense']['min'] - GOAL:+.2f} points from the {GOAL:g}% goal); "
-        f"lowest final top-1 {s['final']['min']:.2f}%; largest final-minus-dense {s['max_drop']:+.2f} points "
-        f"(negative: pruning cost). Spread of dense top-1 (max - min): {s['dense']['max'] - s['dense']['min']:.2f} points.",
+        (f"Lowest dense top-1 {s['dense']['min']:.2f}% ({s['dense']['min'] - GOAL:+.2f} points from the {GOAL:g}% goal); "
+         f"lowest final top-1 {s['final']['min']:.2f}%; worst final-minus-dense {s['max_drop']:+.2f} points "
+         f"(negative: pruning cost). Spread of dense top-1 (max - min): {s['dense']['max'] - s['dense']['min']:.2f} points."),
         "",
     ]
+    for i, b in enumerate(res.get("before", [])):
+        bs = b["summary"]
+        lines += [
+            f"## Earlier recipe {i + 1}: dense top-1 {bs['dense']['min']:.2f}-{bs['dense']['max']:.2f}% (mean {bs['dense']['mean']:.2f})",
+            "",
+            f"Recipe: {b['protocol']['recipe']}.",
+            "",
+            (f"Command: `{b['command']}` ({b['date']}), on "
+             f"{b['protocol']['cpu']} (flags {', '.join(b['protocol']['flags'])}), torch {b['protocol']['torch']}, "
+             f"seeds {', '.join(map(str, b['protocol']['seeds']))}, threads {', '.join(map(str, b['protocol']['threads']))}. Its recipe:"),
+            "",
+            "```yaml",
+            b["protocol"].get("recipe_text", "(not recorded)").rstrip(),
+            "```",
+            "",
+            "| seed | threads | dense top-1 (%) | final top-1 (%) | wall (s) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in b["runs"]:
+            lines.append(f"| {r['seed']} | {r['threads']} | {r['dense']:.2f} | {r['final']:.2f} | {r['wall_s']:.1f} |")
+        lines += ["", "| | min | mean | max |", "|---|---:|---:|---:|"]
+        for key in ("dense", "final", "wall_s"):
+            lines.append(f"| {key} | {bs[key]['min']:.2f} | {bs[key]['mean']:.2f} | {bs[key]['max']:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -162,9 +190,15 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override as in lotus compress --set (repeatable)")
     ap.add_argument("--full", action="store_true", help="keep the export and bench stages")
+    ap.add_argument("--before", type=Path, action="append", default=[],
+                    help="an earlier results .json of this script (e.g. a previous recipe) to embed and show for comparison (repeatable)")
+    ap.add_argument("--render", action="store_true", help="rewrite <out>.md from <out>.json without running anything")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_seeds",
                     help="results path without suffix (.json and .md are written)")
     a = ap.parse_args()
+    if a.render:
+        a.out.with_suffix(".md").write_text(markdown(json.loads(a.out.with_suffix(".json").read_text())))
+        return
     seeds = [int(s) for s in a.seeds.split(",")]
     threads = [int(t) for t in a.threads.split(",")]
 
@@ -182,12 +216,13 @@ def main() -> None:
                 rows.append(r)
                 print(f"seed {seed} threads {th}: dense {r['dense']:.2f}%, final {r['final']:.2f}%, {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
     rel = a.recipe.resolve()
+    recipe_text = a.recipe.read_text()
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/demo_seeds.py " + " ".join(sys.argv[1:]),
         "protocol": {
             "recipe": str(rel.relative_to(ROOT)) if rel.is_relative_to(ROOT) else str(rel), "overrides": a.overrides,
-            "full": a.full, "seeds": seeds, "threads": threads, **facts,
+            "recipe_text": recipe_text, "full": a.full, "seeds": seeds, "threads": threads, **facts,
             "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
             "total_wall_s": round(time.perf_counter() - t_all, 1),
         },
@@ -198,6 +233,11 @@ def main() -> None:
             "max_drop": round(min(r["final"] - r["dense"] for r in rows), 2),
         },
     }
+    if a.before:
+        res["before"] = []
+        for path in a.before:
+            before = json.loads(path.read_text())
+            res["before"].append({k: before[k] for k in ("date", "command", "protocol", "runs", "summary")})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     a.out.with_suffix(".md").write_text(markdown(res))

@@ -225,7 +225,10 @@ class DataBundle:
     def eval_loader(self, batch_size: int | None = None) -> DataLoader:
         bs = batch_size or self.cfg.eval_batch_size or self.cfg.batch_size
         ds = self.eval_dataset()
-        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=0 if ds is self._eval_cache else self.cfg.workers)
+        # its own generator: iterating a loader without one draws a seed from the global torch RNG,
+        # and evaluating would change the random crops/flips of the training that follows
+        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=0 if ds is self._eval_cache else self.cfg.workers,
+                          generator=torch.Generator().manual_seed(0))
 
     def bad_images(self) -> list[str]:
         """Unreadable images replaced so far in this process (``bad_images: skip``)."""

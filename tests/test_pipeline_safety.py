@@ -197,3 +197,16 @@ def test_a_relative_out_folder(tmp_path, monkeypatch):
     m = read_json(run / "manifest.json")
     assert m["stages"][-1]["status"] == "done"
     assert all(not Path(a["path"]).is_absolute() for e in m["stages"] for a in e["artifacts"].values())
+
+
+def test_a_read_only_run_folder_is_refused_before_writing(two_stage_run, tmp_path, monkeypatch):
+    """As root (CI) chmod does not stop writes, so the permission answer is simulated: the runner
+    asks os.access and refuses with one line before touching the folder."""
+    import lotus_deploy.pipeline as P
+
+    run = Path(shutil.copytree(two_stage_run, tmp_path / "run"))
+    before = sorted(p.name for p in run.iterdir())
+    monkeypatch.setattr(P.os, "access", lambda path, mode: False)
+    with pytest.raises(RunError, match="is not writable"):
+        compress(parse_recipe(tiny()), out=run, force=True, quiet=True)
+    assert sorted(p.name for p in run.iterdir()) == before

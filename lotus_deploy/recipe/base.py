@@ -16,6 +16,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from lotus_deploy.files import CHECKPOINT_SUFFIXES
 from lotus_deploy.scope import check_pattern
 
+MAX_EPOCHS = 10_000
+"""Upper bound of every epochs field (a typo such as ``1e30`` is refused, not run forever)."""
+MAX_STEPS = 100_000_000
+"""Upper bound of every optimizer-steps field."""
+
 
 class Strict(BaseModel):
     """Base for every config: unknown keys are errors, assignments are validated."""

@@ -14,6 +14,8 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from lotus_deploy.recipe.base import (
+    MAX_EPOCHS,
+    MAX_STEPS,
     TRAIN_FIELDS,
     KneeWord,
     Scope,
@@ -71,8 +73,8 @@ class Finetune(StageConfig):
     kind: Literal["finetune"] = "finetune"
     impl: ClassVar[str] = "lotus_deploy.stages.finetune"
     train: Literal["head", "all"] = Field("all", description="head: only the classifier trains; all: every parameter")
-    epochs: float | None = Field(None, gt=0, description="epochs over the training split (fractions allowed)")
-    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS, description="epochs over the training split (fractions allowed)")
+    steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="optimizer steps; overrides epochs")
     lr: float | None = Field(None, gt=0, description="peak learning rate of the head; default train.lr")
     backbone_lr: float | None = Field(None, gt=0, description="peak learning rate of everything but the head; default train.backbone_lr, else lr * train.backbone_lr_scale")
     weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (not on norms, biases, tokens); default train.weight_decay")
@@ -197,7 +199,7 @@ class InstantSoup(StageConfig):
     calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
     learners: int = Field(5, ge=1, description="weak learners per round (union_levels uses one)")
     data_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the training subset each learner trains on")
-    learner_epochs: float = Field(1.0, gt=0, description="epochs over its fraction each learner trains")
+    learner_epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="epochs over its fraction each learner trains")
     step: float = Field(0.1, gt=0, lt=1, description="fraction of its remaining weights each learner prunes per round")
     combine: Literal["union", "intersection", "vote", "union_levels"] = Field(
         "union", description="how learners' masks merge: union (ISP default), intersection, vote (strict majority), union_levels (LOTUS ISSP ablation)",
@@ -208,7 +210,7 @@ class InstantSoup(StageConfig):
     stop_within: float = Field(0.05, ge=0, lt=1, description="stop the rounds when the sparsity is within this of the target (fraction)")
     max_rounds: int = Field(50, ge=1, description="safety cap on rounds (a warning is logged when hit)")
     main_fraction: float | None = Field(None, gt=0, le=1, description="fraction of the training subset the main model trains on each round; default data_fraction")
-    main_epochs: float = Field(1.0, ge=0, description="epochs over its fraction the main model trains each round (0: no main training)")
+    main_epochs: float = Field(1.0, ge=0, le=MAX_EPOCHS, description="epochs over its fraction the main model trains each round (0: no main training)")
     lr: float | None = Field(None, gt=0, description="learning rate of the head, constant in rounds; default train.lr")
     backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head; default train.backbone_lr, else lr * train.backbone_lr_scale")
     round_lr_scale: float = Field(
@@ -219,8 +221,8 @@ class InstantSoup(StageConfig):
     grad_clip: float | None = Field(None, ge=0, description="clip the gradient norm of learners, main model and fine-tune (0: no clipping); default train.grad_clip")
     batch_size: int | None = Field(None, gt=0, description="images per step; default train.batch_size, else data.batch_size")
     prune_remainder: bool = Field(True, description="prune one-shot from the rounds' sparsity to the target (false: stop where the soup stopped)")
-    finetune_epochs: float = Field(1.0, ge=0, description="final fine-tune over the training subset (cosine after warm-up)")
-    finetune_steps: int | None = Field(None, ge=0, description="final fine-tune steps; overrides finetune_epochs")
+    finetune_epochs: float = Field(1.0, ge=0, le=MAX_EPOCHS, description="final fine-tune over the training subset (cosine after warm-up)")
+    finetune_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="final fine-tune steps; overrides finetune_epochs")
     finetune_warmup: float | None = Field(None, ge=0, description="final fine-tune warm-up: a fraction of its steps if < 1, else steps; default train.warmup")
     budget_images: int | None = Field(
         None, gt=0, description="total images seen by learners, main model and fine-tune; the fine-tune gets the whole batches the rounds left (overrides its length)",

@@ -86,3 +86,12 @@ def test_set_list_indices_must_exist(key):
 def test_set_can_append_one_past_the_end():
     r = parse_recipe(copy.deepcopy(TINY_RECIPE), overrides=["stages.4={kind: evaluate}"])
     assert r.stages[-1].kind == "evaluate"
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 1e30), ("steps", 10**21)], ids=["epochs-1e30", "steps-1e21"])
+def test_absurd_training_lengths_are_refused(field, value):
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["stages"][0].pop("steps", None)
+    raw["stages"][0][field] = value
+    with pytest.raises(RecipeError, match=f"stages.0.{field}: .*less than or equal to"):
+        parse_recipe(raw)
