@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     state = RunState.from_run(Run(args.run), args.variant, quiet=True)
     eval_images = len(state.data.eval_dataset())
     state.recipe.export.precision_images = eval_images  # the whole eval split
-    work = Path(args.run) / "precision"
+    work = Path(args.run) / "precision" / args.variant
     log(f"export: fp32 ONNX of {args.run} ({args.variant}) into {work}")
     exported, arts = export_state(state, work, "fp32")
     acc = accuracy(state, arts["onnx"], precisions[1:])
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                      "timer": "wall clock (time.perf_counter) per session.run call"},
         "accuracy": acc, "latency": lat,
     }
-    stem = args.out / f"precision_{res['run']}"
+    stem = args.out / (f"precision_{res['run']}" + ("" if args.variant == "final" else f"_{args.variant}"))
     write_json(stem.with_suffix(".json"), res)
     write_text(stem.with_suffix(".md"), markdown(res))
     print(markdown(res))

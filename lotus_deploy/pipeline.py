@@ -233,7 +233,7 @@ def _run(recipe, run_dir: Path, old: dict | None, keep_upto: int | None, quiet: 
             with torch.random.fork_rng(devices=[]):
                 result = stage_fn(cfg)(cfg, state)
             check_stage_result(recipe, cfg, result.metrics, entering)
-            artifacts = {k: artifact_record(run_dir, inside(run_dir, p)) for k, p in result.artifacts.items()}
+            artifacts = {k: artifact_record(run_dir, inside(run_dir, Path(p).resolve())) for k, p in result.artifacts.items()}
             if result.model_changed:
                 artifacts.update(save_checkpoint(state, state.stage_dir))
         except BaseException as e:
