@@ -140,10 +140,12 @@ def _load_weights(cfg: ModelConfig, kwargs: dict, log) -> nn.Module:
     path = Path(cfg.weights).expanduser()
     if not path.is_file():
         raise InputError(f"model.weights: no such file: {path}")
-    shapes = checkpoint_shapes(path)
-    # .pth goes through our weights_only loader; timm then filters/resamples it like any
-    # pretrained checkpoint (state_dict overlay), .safetensors through timm's file loader.
-    overlay = {"file": str(path)} if path.suffix == ".safetensors" else {"state_dict": read_state_dict(path)}
+    # .pth is read once, through our weights_only loader; timm then filters/resamples it like any
+    # pretrained checkpoint (state_dict overlay). .safetensors goes through timm's file loader and
+    # only its header is read here.
+    sd = None if path.suffix == ".safetensors" else read_state_dict(path)
+    shapes = checkpoint_shapes(path) if sd is None else {k: tuple(v.shape) for k, v in sd.items()}
+    overlay = {"file": str(path)} if sd is None else {"state_dict": sd}
     try:
         model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:
@@ -153,7 +155,6 @@ def _load_weights(cfg: ModelConfig, kwargs: dict, log) -> nn.Module:
     head_keys = [k for k in own if k == clf or k.startswith(clf + ".")]
     head_fits = bool(head_keys) and all(shapes.get(k) == own[k] for k in head_keys)
     if head_fits:
-        sd = read_state_dict(path) if path.suffix != ".safetensors" else None
         if sd is None:
             from safetensors import safe_open
 
