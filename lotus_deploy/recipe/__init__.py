@@ -166,13 +166,13 @@ def _teacher_problem(teacher: str, before: list[StageConfig]) -> str | None:
 
 
 def _knee_fields(d: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of ``sparsity`` fields (nested too) set to a knee word in a dumped stage."""
+    """Dotted paths of sparsity fields (``sparsity``, ``instant_soup.start``; nested too) set to a knee word in a dumped stage."""
     from lotus_deploy.recipe.base import KNEE_VALUES
 
     out: list[str] = []
     if isinstance(d, dict):
         for k, v in d.items():
-            if k == "sparsity" and isinstance(v, str) and v in KNEE_VALUES:
+            if k in ("sparsity", "start") and isinstance(v, str) and v in KNEE_VALUES:
                 out.append(prefix + k)
             else:
                 out += _knee_fields(v, f"{prefix}{k}.")

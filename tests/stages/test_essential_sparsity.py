@@ -30,8 +30,9 @@ def test_config_always_measures_dense_and_sorts():
         ([{"kind": "magnitude_prune", "sparsity": "knee"}], "stages.0.sparsity"),
         ([{"kind": "finetune", "steps": 2, "early_bird": {"sparsity": "knee_curvature"}}], "stages.0.early_bird.sparsity"),
         ([{"kind": "magnitude_prune", "sparsity": "knee"}, {"kind": "essential_sparsity"}], "stages.0.sparsity"),
+        ([{"kind": "instant_soup", "sparsity": 0.5, "start": "knee"}], "stages.0.start"),
     ],
-    ids=["prune-without-sweep", "early-bird-without-sweep", "sweep-after"],
+    ids=["prune-without-sweep", "early-bird-without-sweep", "sweep-after", "soup-start-without-sweep"],
 )
 def test_recipe_knee_needs_a_sweep_before(tiny_recipe_dict, stages, loc):
     from lotus_deploy.recipe import RecipeError, parse_recipe
