@@ -17,7 +17,8 @@ def _user_errors():
     """Turn every error a user can fix into one line per problem on stderr and exit code 2.
 
     Recipe problems print ``file: field: problem``; run, input and file-system errors print
-    ``error: ...`` naming the file. Ctrl-C exits 130 with a line saying how to go on.
+    ``error: ...`` naming the file. Ctrl-C exits 130 with a line saying how to go on. Under
+    torchrun, ranks other than 0 put ``[rank N]`` in front of their lines.
     """
     from lotus_deploy.errors import LotusError
     from lotus_deploy.recipe import RecipeError
@@ -29,11 +30,11 @@ def _user_errors():
             click.echo(p.format(e.source), err=True)
         sys.exit(2)
     except LotusError as e:
-        click.echo(f"error: {_one_line(e)}", err=True)
+        click.echo(f"{_rank_prefix()}error: {_one_line(e)}", err=True)
         sys.exit(2)
     except OSError as e:  # missing, unreadable, read-only, full disk: the OS names the file
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        click.echo(f"error: {where}{e.strerror or _one_line(e)}", err=True)
+        click.echo(f"{_rank_prefix()}error: {where}{e.strerror or _one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted: finished stages are kept; continue with --resume", err=True)
@@ -47,6 +48,14 @@ def _latest() -> Path:
     run = latest_run("runs")
     click.echo(f"using the latest finished run: {run}", err=True)
     return run
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` on ranks other than 0 of a torchrun launch (their errors say where they come from), else empty."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return "" if rank in ("", "0") or os.environ.get("WORLD_SIZE", "1") in ("", "1") else f"[rank {rank}] "
 
 
 def _one_line(e: BaseException) -> str:
@@ -112,6 +121,8 @@ def compress(recipe: Path, out: Path | None, resume: bool, force: bool, rerun_fr
         r = load_recipe(recipe, list(overrides))
         check_inputs(r, str(recipe), deep=True)
         run_dir = run_compress(r, out=out, resume=resume, force=force, quiet=quiet, rerun_from=rerun_from)
+    if _rank_prefix():  # rank 0 says where the run is
+        return
     report = run_dir / "bench" / "report.md"
     click.echo(f"run: {run_dir}" + (f"\nreport: {report}" if report.exists() else ""))
 

@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 from torchvision.datasets import ImageFolder
 
-from lotus_deploy.errors import InputError
+from lotus_deploy import distributed as dist
+from lotus_deploy.errors import InputError, RunError
 from lotus_deploy.models import InputSpec
 from lotus_deploy.progress import bar
 from lotus_deploy.recipe.base import DataConfig
@@ -197,17 +204,28 @@ class DataBundle:
     subsets: dict[str, list[int] | None] = field(default_factory=dict)
     _eval_cache: TensorDataset | None = None
 
-    def train_loader(self, seed: int, batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
-        """Shuffled training loader whose order depends only on ``seed``."""
-        return DataLoader(
-            self.train,
-            batch_size=batch_size or self.cfg.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=self.cfg.workers,
-            drop_last=drop_last,
-            persistent_workers=False,
-        )
+    def train_loader(self, seed: int, batch_size: int | None = None, drop_last: bool = False, epoch: int = 0) -> DataLoader:
+        """Shuffled training loader whose order depends only on ``seed + epoch``.
+
+        In a distributed run each rank gets its share of every global batch: a DistributedSampler
+        (seeded with ``seed``, ``set_epoch(epoch)``: the same permutation of the split as one
+        process draws for ``seed + epoch``, each rank taking every world-size-th image, the last
+        few repeated so that every rank runs the same number of steps) and ``batch_size / world
+        size`` images per rank, so a recipe's batch size is the global one at any world size.
+
+        Raises:
+            RunError: the batch size is not divisible by the world size.
+        """
+        bs = batch_size or self.cfg.batch_size
+        common = {"num_workers": self.cfg.workers, "drop_last": drop_last, "persistent_workers": False,
+                  "pin_memory": _pin_memory()}
+        if not dist.active():
+            return DataLoader(self.train, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed + epoch), **common)
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(self.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=drop_last)
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train, batch_size=per_rank_batch(bs), sampler=sampler, generator=torch.Generator().manual_seed(seed + epoch), **common)
 
     def eval_dataset(self) -> Dataset:
         """The eval split; decoded tensors held in memory when ``cache_eval``."""
@@ -228,7 +246,7 @@ class DataBundle:
         # its own generator: iterating a loader without one draws a seed from the global torch RNG,
         # and evaluating would change the random crops/flips of the training that follows
         return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=0 if ds is self._eval_cache else self.cfg.workers,
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator().manual_seed(0), pin_memory=_pin_memory())
 
     def bad_images(self) -> list[str]:
         """Unreadable images replaced so far in this process (``bad_images: skip``)."""
@@ -244,6 +262,41 @@ class DataBundle:
         n = min(n, len(ds))
         xs, ys = zip(*(ds[i] for i in range(n)))
         return torch.stack(xs), torch.as_tensor(ys)
+
+
+def _pin_memory() -> bool:
+    """Page-locked batches when a GPU is there to copy them to (faster, asynchronous host-to-device copies)."""
+    return torch.cuda.is_available()
+
+
+def per_rank_batch(batch_size: int) -> int:
+    """Images per rank of a global batch of ``batch_size`` (the batch size in a one-process run).
+
+    Raises:
+        RunError: ``batch_size`` is not divisible by the world size.
+    """
+    n = dist.world_size()
+    if batch_size % n:
+        raise RunError(f"batch size {batch_size} is not divisible by the world size {n}: "
+                       f"set data.batch_size (and any stage's batch_size) to a multiple of {n}")
+    return batch_size // n
+
+
+def shard_eval_loader(loader) -> DataLoader | None:
+    """This rank's share of an in-order DataLoader: images ``rank, rank + world, ...``, no padding.
+
+    Every image of the split is in exactly one rank's share (unlike DistributedSampler, which
+    repeats images to even the shares out). Returns None for anything but an unshuffled
+    DataLoader (lists, generators, shuffled loaders): those stay whole on every rank.
+    """
+    if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, SequentialSampler) or loader.batch_size is None:
+        return None
+    ds = loader.dataset
+    return DataLoader(
+        Subset(ds, list(dist.shard_indices(len(ds)))), batch_size=loader.batch_size, shuffle=False,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        generator=loader.generator,
+    )
 
 
 def build_data(cfg: DataConfig, spec: InputSpec) -> DataBundle:

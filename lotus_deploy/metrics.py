@@ -46,6 +46,15 @@ class TopK:
         if self.keep_logits:
             self.logits.append(lg)
 
+    def counts(self) -> list[float]:
+        """``[images, top-1 hits, top-5 hits, summed loss]``: what sums over shards of a split."""
+        return [self.n, self.correct1, self.correct5, self.loss_sum]
+
+    def set_counts(self, counts: list[float]) -> None:
+        """Replace the running counts (by the sums over every shard: :meth:`counts`)."""
+        n, c1, c5, loss = counts
+        self.n, self.correct1, self.correct5, self.loss_sum = round(n), round(c1), round(c5), float(loss)
+
     def result(self) -> dict[str, Any]:
         n = max(self.n, 1)
         out: dict[str, Any] = {
@@ -59,7 +68,7 @@ class TopK:
 
 def top1_loop(
     predictors: Mapping[str, Callable[[Any], Any]], batches: Iterable, keep_logits: bool = False,
-    to_inputs: Callable[[Any], Any] | None = None,
+    to_inputs: Callable[[Any], Any] | None = None, reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every predictor on every batch once; top-1/top-5 (%), loss, images and time per predictor.
 
@@ -68,6 +77,8 @@ def top1_loop(
         batches: ``(inputs, labels)`` pairs; ``inputs`` may be a tuple (e.g. images and ticket indices).
         keep_logits: also return each predictor's logits as ``logits`` ``(N, classes)`` (numpy).
         to_inputs: maps a batch's inputs before prediction (e.g. move to a device).
+        reduce: sums a list of counts over the shards of a split (a distributed all-reduce:
+            ``batches`` are this rank's shard); the results then cover the whole split.
 
     Returns:
         name -> ``top1``, ``top5``, ``loss``, ``images``, ``seconds`` (wall time of the whole loop,
@@ -86,6 +97,11 @@ def top1_loop(
             seconds[name] += time.perf_counter() - t0
             acc[name].add(logits, labels)
     wall = time.perf_counter() - t_start
+    if reduce is not None:
+        if keep_logits:
+            raise ValueError("keep_logits needs every batch in this process: logits are not gathered over shards")
+        for a in acc.values():
+            a.set_counts(reduce(a.counts()))
     out = {}
     for name, a in acc.items():
         r = a.result()

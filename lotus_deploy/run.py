@@ -37,21 +37,24 @@ def now_iso() -> str:
 
 
 def resolve_device(spec: str):
+    """The torch device of a recipe's ``device``; under torchrun ``auto`` / ``cuda`` mean ``cuda:LOCAL_RANK``."""
     import torch
 
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from lotus_deploy.distributed import device_for
+
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device {spec!r} requested but CUDA is not available (use device: auto or cpu)")
-    return torch.device(spec)
+    return device_for(spec)
 
 
 def environment() -> dict[str, Any]:
-    """Versions, CPU/GPU and thread settings of this process."""
+    """Versions, CPU/GPU and thread settings of this process, and the world size of the launch."""
     import os
     import platform
 
     import torch
+
+    from lotus_deploy.distributed import world_size
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -59,6 +62,7 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "world_size": world_size(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
     }

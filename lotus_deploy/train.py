@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lotus_deploy.distributed import all_reduce_sum, wrap_ddp
 from lotus_deploy.errors import RunError
 from lotus_deploy.masks import apply_masks_
 from lotus_deploy.progress import bar
@@ -23,17 +24,33 @@ def evaluate(
     device: torch.device,
     forward: Callable[..., torch.Tensor] | None = None,
     desc: str = "eval",
+    shard: bool = True,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%), mean cross-entropy and throughput over ``loader``.
+
+    In a distributed run (:mod:`lotus_deploy.distributed`) a DataLoader in dataset order is
+    split between the ranks (strided, no padding: every image on exactly one rank) and the
+    counts are summed over the ranks, so every rank gets the numbers of the whole split.
 
     Args:
         loader: ``(x, y)`` batches, or ``(x, y, idx)`` (ticket batches: ``forward(x, idx)``).
         forward: replaces ``model(x)`` (e.g. a token-dropping forward); default the model.
+        shard: False keeps every rank on the whole loader (no communication).
 
     Returns:
-        ``top1``, ``top5`` (percent), ``loss``, ``images``, ``seconds``, ``images_per_s``.
+        ``top1``, ``top5`` (percent), ``loss``, ``images`` (all ranks), ``seconds`` (this rank's
+        wall time), ``images_per_s`` (all ranks' images / that time).
     """
+    from lotus_deploy import distributed as dist
     from lotus_deploy.metrics import top1_loop
+
+    reduce = None
+    if shard and dist.active():
+        from lotus_deploy.data import shard_eval_loader
+
+        sharded = shard_eval_loader(loader)
+        if sharded is not None:
+            loader, reduce = sharded, lambda v: dist.all_reduce_sum(v, what=f"{desc} counts")
 
     was_training = model.training
     model.eval()
@@ -50,7 +67,7 @@ def evaluate(
             return fwd(*inputs).float()  # (B, classes)
 
     try:
-        r = top1_loop({"model": predict}, batches())["model"]
+        r = top1_loop({"model": predict}, batches(), reduce=reduce)["model"]
     finally:
         model.train(was_training)
     return {k: r[k] for k in ("top1", "top5", "loss", "images", "seconds", "images_per_s")}
@@ -178,6 +195,12 @@ def train(
     ``spec.epochs`` epochs (fractions allowed); ``on_step``/``on_epoch`` returning True stops
     early (early-bird tickets).
 
+    In a distributed run the model (or ``forward`` over it) trains under DistributedDataParallel:
+    ``make_loader`` then yields this rank's share of each global batch
+    (:meth:`lotus_deploy.data.DataBundle.train_loader`), every rank the same number of steps; a
+    non-finite loss on any rank stops every rank at the same step, and the epoch's loss and
+    accuracy are over all ranks.
+
     Args:
         make_loader: epoch index -> iterable of ``(images, labels)`` (or ``(images, labels,
             extra)`` passed to ``forward``).
@@ -200,6 +223,8 @@ def train(
     step, epoch, stop = 0, 0, False
     amp = autocast(device)
     model.to(device).train()
+    ddp = wrap_ddp(model, device, forward)  # None unless distributed
+    run = ddp if ddp is not None else (forward or model)
     while step < total and not stop:
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -210,11 +235,11 @@ def train(
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * lr_factor(step, total, warmup, spec.schedule)
             with amp:
-                logits = forward(x, extra) if forward is not None else model(x)  # (B, classes)
+                logits = run(x, extra) if forward is not None else run(x)  # (B, classes)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
                 if distill is not None:
                     loss = distill(loss, logits, x)
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, ddp is not None):
                 raise NonFiniteLoss(
                     f"{desc}: non-finite loss ({loss.item()}) at step {step + 1} (lr {opt.param_groups[0]['lr']:.3g}); the stage stops and "
                     "its model is not saved (the last good checkpoint stays); lower lr / backbone_lr or set grad_clip"
@@ -237,6 +262,8 @@ def train(
             if stop or step >= total:
                 break
         epoch += 1
+        if ddp is not None:
+            loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], what=f"{desc} epoch {epoch} totals")
         rec = {
             "epoch": epoch,
             "step": step,
@@ -256,3 +283,11 @@ def train(
         if on_epoch is not None and on_epoch(epoch, rec):
             stop = True
     return history
+
+
+def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on this rank, and with ``distributed`` on every rank."""
+    ok = bool(torch.isfinite(loss))
+    if distributed:
+        ok = all_reduce_sum([0.0 if ok else 1.0], what="the finite-loss check")[0] == 0.0
+    return ok

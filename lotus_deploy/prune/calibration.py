@@ -125,6 +125,28 @@ def calibrate(
     return cal
 
 
+def all_reduce_(cal: Calibration) -> Calibration:
+    """Sum a calibration's statistics over the ranks of a distributed run, in place (identity in one process).
+
+    Each rank calibrates its share of the images (:func:`lotus_deploy.distributed.shard`); the
+    sums ``sq``, ``gram``, ``tokens`` and ``images`` then describe every image, on every rank.
+    ``seconds`` stays this rank's.
+    """
+    from lotus_deploy import distributed as dist
+
+    if not dist.active():
+        return cal
+    for name in sorted(cal.sq):
+        dist.all_reduce_sum_(cal.sq[name], what=f"calibration of {name}")
+        if name in cal.gram:
+            dist.all_reduce_sum_(cal.gram[name], what=f"calibration of {name}")
+    names = sorted(cal.tokens)
+    counts = dist.all_reduce_sum([cal.tokens[n] for n in names] + [cal.images], what="calibration counts")
+    cal.tokens = {n: round(c) for n, c in zip(names, counts[:-1])}
+    cal.images = round(counts[-1])
+    return cal
+
+
 def reconstruction_error(weight, new_weight, gram) -> float:
     """``||W X − Ŵ X||²`` summed over the calibration tokens: ``tr((W−Ŵ) XᵀX (W−Ŵ)ᵀ)``.
 

@@ -81,9 +81,13 @@ def train_settings(cfg, state):
 def load_variant(state, name: str, what: str):
     """(model, manifest entry) of a finished variant of this run: frozen, eval mode, on the state's device.
 
+    In a distributed run rank 0 reads the checkpoint and the others receive its weights (the run
+    folder need not be visible from every node).
+
     Raises:
         RunError: ``name`` is not a finished variant of the run.
     """
+    from lotus_deploy import distributed as dist
     from lotus_deploy.errors import RunError
     from lotus_deploy.models import build_model
     from lotus_deploy.run import load_checkpoint, variant_entries
@@ -92,7 +96,11 @@ def load_variant(state, name: str, what: str):
     if name not in entries:
         raise RunError(f"{state.stage_name}: {what} {name!r} is not a finished variant of this run; have: {', '.join(entries)}")
     model = build_model(state.recipe.model, with_weights=False)
-    load_checkpoint(state.run_dir, entries[name], model, state.device)
+    if dist.is_main():
+        load_checkpoint(state.run_dir, entries[name], model, state.device)
+    else:
+        model.to(state.device)
+    dist.broadcast_module_(model, what=f"the {what} {name}")
     return model.eval().requires_grad_(False), entries[name]
 
 
@@ -136,7 +144,7 @@ def run_training(cfg, state, forward=None, make_loader=None, steps_per_epoch=Non
     seed = state.seed()
     if make_loader is None:
         def make_loader(epoch: int):
-            return data.train_loader(seed=seed + 1 + epoch, batch_size=bs)
+            return data.train_loader(seed=seed + 1, batch_size=bs, epoch=epoch)  # distributed: this rank's share
 
         steps_per_epoch = math.ceil(len(data.train) / bs)
     history = train(
@@ -185,13 +193,16 @@ def calibration(state, criteria: Sequence[str], names: Sequence[str], images, mo
     Runs the calibration images through ``model`` (default ``state.model``) once, with hooks on
     the layers (:func:`lotus_deploy.prune.calibration.calibrate`); ``forward`` replaces the
     model's own forward (e.g. token dropping) so the statistics follow the sequence the stage
-    runs on.
+    runs on. In a distributed run each rank runs its share of the batches and the sums are
+    all-reduced (:func:`lotus_deploy.prune.calibration.all_reduce_`): every rank ends with the
+    statistics of every image.
 
     Args:
         images: how many train-split images (:func:`calibration_batch`), or that batch itself
             ``(n, C, H, W)`` when a stage calibrates several models on the same images.
     """
-    from lotus_deploy.prune.calibration import calibrate
+    from lotus_deploy import distributed as dist
+    from lotus_deploy.prune.calibration import all_reduce_, calibrate
     from lotus_deploy.prune.criteria import statistic_for
 
     statistic = statistic_for(criteria)
@@ -199,7 +210,7 @@ def calibration(state, criteria: Sequence[str], names: Sequence[str], images, mo
         return None
     x = calibration_batch(state, images) if isinstance(images, int) else images
     bs = state.data.cfg.eval_batch_size or state.data.cfg.batch_size
-    stats = calibrate(model or state.model, names, x.split(bs), statistic, forward=forward, device=state.device)
+    stats = all_reduce_(calibrate(model or state.model, names, dist.shard(x.split(bs)), statistic, forward=forward, device=state.device))
     state.log.info(f"{state.stage_name}: calibrated {len(names)} layers ({statistic}) on {stats.images} train images in {stats.seconds:.1f} s")
     return stats
 

@@ -36,11 +36,22 @@ def semi_structured(cfg: SemiStructured, state):
     metrics: dict = {}
     artifacts = {}
     if cfg.permute:
+        from lotus_deploy import distributed as dist
         from lotus_deploy.prune.permute import permute_for_two_four_
 
         targets, _ = eligible_weights(state.model, cfg.scope)
-        out = permute_for_two_four_(state.model, list(targets), state.masks, cfg.permute_seconds, seed=state.seed())
-        state.masks = out.masks
+        seed, shared = state.seed(), dist.active()
+
+        def search():
+            o = permute_for_two_four_(state.model, list(targets), state.masks, cfg.permute_seconds, seed=seed)
+            if shared:  # sent to the other ranks: pickled tensors travel on the CPU
+                o.masks = {k: v.cpu() for k, v in o.masks.items()}
+            return o
+
+        # a time-budgeted search need not find the same order twice: rank 0 searches, every rank takes its result
+        out = dist.main_computes(search, "the 2:4 permutation search")
+        dist.broadcast_module_(state.model, what="the permuted weights")
+        state.masks = {k: v.to(state.device) for k, v in out.masks.items()} if shared else out.masks
         metrics["permutation"] = {"layers": out.layers, "skipped": out.skipped}
         if out.perms:
             artifacts["permutations"] = write_json(state.stage_dir / "permutations.json", out.perms)

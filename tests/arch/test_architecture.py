@@ -96,6 +96,8 @@ def test_package_imports_respect_the_layers():
         if mod.startswith(("lotus_deploy.export", "lotus_deploy.runtime", "lotus_deploy.run")) and mod != "lotus_deploy.runtime_check":
             bad = {d for d in deps if d.startswith(TRAINING)}
             assert not bad, f"{mod} imports training code {sorted(bad)}"
+        if mod == "lotus_deploy.distributed":  # low level: run, data, train, prune and the runner build on it
+            assert deps <= {"lotus_deploy.errors"}, f"{mod} imports {sorted(deps - {'lotus_deploy.errors'})}"
 
 
 def _imported(code: str) -> list[str]:
