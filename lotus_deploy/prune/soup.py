@@ -12,6 +12,15 @@ draws and merges masks is a :class:`Combine` strategy, registered by the recipe 
   cut at several sparsity ``levels``, merged by union, one round. Magnitude masks of one weight
   set are nested, so the union is the least sparse level's mask: the round is a measurement.
 
+The run is planned before its first step (:func:`plan_soup`): every round's goal sparsity (an
+absolute schedule, so a union that lags behind one round's goal catches up in the next), the
+steps and images of every learner, of the main model in every round and of the final fine-tune.
+The main model's one learning-rate schedule spans its round steps and the fine-tune's, so its
+length must be known in advance.
+
+A round's learners are independent :class:`LearnerJob` s: :func:`train_learner` runs one
+anywhere (another process, rank or GPU) from the job alone and returns its masks.
+
 Sparsities are fractions of the weights in scope. The round checkpoint (:func:`save_round`,
 :func:`load_round`) is keyed by a fingerprint the caller computes. torch is imported inside the
 functions.
@@ -20,7 +29,8 @@ functions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 from lotus_deploy.prune.magnitude import prune_masks
 from lotus_deploy.registry import Registry
@@ -194,33 +204,293 @@ def violations(model, masks) -> int:
     return sum(int((params[k].detach().cpu()[~m.cpu()] != 0).sum()) for k, m in masks.items())
 
 
-# ----------------------------------------------------------------------------- learners' data
+# ----------------------------------------------------------------------------- the plan
+
+
+def fraction_size(n: int, fraction: float) -> int:
+    """Images in a ``fraction`` of ``n`` (at least one), as :func:`fraction_indices` draws them."""
+    return max(1, int(round(fraction * n)))
+
+
+def steps_for(images: int, epochs: float, batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` over ``images`` images (at least 1; as :func:`lotus_deploy.train.train` counts)."""
+    return max(1, int(round(epochs * math.ceil(images / batch_size))))
+
+
+def images_of_steps(steps: int, batch_size: int, n: int) -> int:
+    """Images ``steps`` steps see on a shuffled loader over ``n`` images (each epoch's last batch may be short)."""
+    per_epoch = math.ceil(n / batch_size)
+    full, rest = divmod(steps, per_epoch)
+    return full * n + rest * batch_size
+
+
+@dataclass(frozen=True)
+class SoupPlan:
+    """What a soup run will do, fixed before its first step.
+
+    Attributes:
+        starts: planned sparsity (fraction of the scope) at the start of each round; a round's
+            learners are cut at ``combine.goals(start, ...)``, so the goals form an absolute
+            schedule (a union that lags behind one goal catches up in the next round).
+        learners: learners a round.
+        learner_steps, learner_images: one learner's optimizer steps and images seen.
+        main_steps, main_images: the main model's steps and images in one round (0: none).
+        finetune_steps, finetune_images: the final fine-tune's.
+        reaches_target: the planned rounds come within ``stop_within`` of the target (False: the
+            round cap, ``max_rounds`` or ISSP's single round, cut the plan short).
+    """
+
+    starts: tuple[float, ...]
+    learners: int
+    learner_steps: int
+    learner_images: int
+    main_steps: int
+    main_images: int
+    finetune_steps: int
+    finetune_images: int
+    reaches_target: bool = True
+
+    @property
+    def rounds(self) -> int:
+        return len(self.starts)
+
+    @property
+    def main_total_steps(self) -> int:
+        """Length of the main model's one schedule: every round's main steps, then the fine-tune's."""
+        return self.rounds * self.main_steps + self.finetune_steps
+
+    def images(self) -> dict[str, int]:
+        """Images the plan shows the learners, the main model in the rounds and the fine-tune, and their total."""
+        out = {"learners": self.rounds * self.learners * self.learner_images, "main": self.rounds * self.main_images,
+               "finetune": self.finetune_images}
+        return {**out, "total": sum(out.values())}
+
+
+def plan_soup(cfg, start: float, target: float, n_train: int, batch_size: int, learners: int, max_rounds: int) -> SoupPlan:
+    """Plan a soup run from ``start`` to ``target`` (fractions of the scope).
+
+    Args:
+        cfg: a resolved :class:`lotus_deploy.recipe.stages.InstantSoup` (``step``,
+            ``stop_within``, ``data_fraction``, ``learner_epochs``, ``main_fraction``,
+            ``main_epochs``, ``finetune_steps`` / ``finetune_epochs``, ``budget_images``).
+        n_train: images in the training subset.
+        batch_size: images per step (learners, main model and fine-tune).
+        learners: learners a round (the strategy's own count, else ``cfg.learners``).
+        max_rounds: cap on the rounds.
+
+    ``budget_images`` gives the fine-tune the whole batches the planned rounds leave of it
+    (never past it); otherwise ``finetune_steps``, else ``finetune_epochs`` over the training subset.
+    """
+    starts, current = [], start
+    while len(starts) < max_rounds and target - current > cfg.stop_within + 1e-9:
+        starts.append(current)
+        current = round_target(current, cfg.step, target)
+    k_learner = fraction_size(n_train, cfg.data_fraction)
+    learner_steps = steps_for(k_learner, cfg.learner_epochs, batch_size)
+    k_main = fraction_size(n_train, cfg.main_fraction)
+    main_steps = steps_for(k_main, cfg.main_epochs, batch_size) if cfg.main_epochs > 0 else 0
+    plan = SoupPlan(
+        starts=tuple(starts), learners=learners,
+        learner_steps=learner_steps, learner_images=images_of_steps(learner_steps, batch_size, k_learner),
+        main_steps=main_steps, main_images=images_of_steps(main_steps, batch_size, k_main),
+        finetune_steps=0, finetune_images=0, reaches_target=target - current <= cfg.stop_within + 1e-9,
+    )
+    if cfg.budget_images is not None:
+        ft = max(0, (cfg.budget_images - plan.images()["total"]) // batch_size)
+    elif cfg.finetune_steps is not None:
+        ft = cfg.finetune_steps
+    else:
+        ft = int(round(cfg.finetune_epochs * math.ceil(n_train / batch_size)))
+    return replace(plan, finetune_steps=ft, finetune_images=images_of_steps(ft, batch_size, n_train))
+
+
+# ----------------------------------------------------------------------------- learners
+
+
+def fraction_batches(data, indices, seed: int, batch_size: int, shard: bool = False) -> Callable[[int], Any]:
+    """``epoch -> DataLoader`` over ``data.train[indices]``, shuffled from ``seed`` and the epoch alone.
+
+    Args:
+        batch_size: images per step (the global batch in a distributed run).
+        shard: in a distributed run (:mod:`lotus_deploy.distributed`), give this rank its share
+            of every global batch (for a model trained under DDP): a DistributedSampler drawing
+            the same permutation as the one-process loader (``seed * 1009 + epoch``), each rank
+            taking every world-size-th image of it (the last few repeated so that every rank
+            takes the same steps), ``batch_size / world size`` images per rank. A global batch
+            then holds the images of the one-process batch. Without a launch, or False (a
+            learner training alone on its rank), every rank gets the whole fraction.
+    """
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from lotus_deploy import distributed as dist
+
+    ds = Subset(data.train, list(indices))
+    if shard and dist.active():
+        return _sharded_batches(ds, seed * 1009, batch_size, data.cfg.workers)
+
+    def make_loader(epoch: int):
+        return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=data.cfg.workers,
+                          generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+
+    return make_loader
+
+
+def _sharded_batches(ds, seed: int, batch_size: int, workers: int) -> Callable[[int], Any]:
+    """``epoch -> DataLoader`` of this rank's share of ``ds`` shuffled from ``seed + epoch`` (see :func:`fraction_batches`).
+
+    Written here because :meth:`lotus_deploy.data.DataBundle.train_loader` shards only the
+    bundle's own training split, not a subset of it.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lotus_deploy import distributed as dist
+    from lotus_deploy.data import per_rank_batch
+
+    per_rank = per_rank_batch(batch_size)
+
+    def make_loader(epoch: int):
+        sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)  # permutation of torch.Generator().manual_seed(seed + epoch), as one process draws
+        return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                          generator=torch.Generator().manual_seed(seed + epoch))
+
+    return make_loader
 
 
 def train_on_fraction(model, data, indices, spec, seed: int, batch_size: int, device, masks=None, log=None, desc="learner") -> int:
     """Train ``model`` in place on ``data.train[indices]`` with masks enforced; returns images seen.
 
-    Seeds torch (augmentation) and the loader's shuffling from ``seed`` alone.
+    A fresh AdamW with the spec's schedule (:func:`lotus_deploy.train.train`). Seeds torch
+    (augmentation) and the loader's shuffling from ``seed`` alone.
     """
     import torch
-    from torch.utils.data import DataLoader, Subset
 
     from lotus_deploy.train import train
 
-    ds = Subset(data.train, list(indices))
+    batches = fraction_batches(data, indices, seed, batch_size)
     seen = [0]
 
     def make_loader(epoch: int):
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=data.cfg.workers,
-                            generator=torch.Generator().manual_seed(seed * 1009 + epoch))
-        for batch in loader:
+        for batch in batches(epoch):
             seen[0] += len(batch[1])
             yield batch
 
     torch.manual_seed(seed)
-    train(model, spec, make_loader, math.ceil(len(ds) / batch_size), device, masks=masks,
+    train(model, spec, make_loader, math.ceil(len(indices) / batch_size), device, masks=masks,
           log=log or (lambda m: None), desc=desc)
     return seen[0]
+
+
+def learner_spec(cfg, steps: int):
+    """A learner's training: ``steps`` steps at the config's peak rates, warmed up linearly from zero over all of them.
+
+    Step ``i`` (0-based) uses ``(i + 1) / steps`` of the peak (:func:`lotus_deploy.train.lr_factor`):
+    a learner copied from the main model moves away from it gently instead of jumping at full rate.
+    """
+    from lotus_deploy.train import TrainSpec
+
+    return TrainSpec(train="all", steps=steps, lr=cfg.lr, backbone_lr=cfg.backbone_lr, weight_decay=cfg.weight_decay,
+                     warmup=float(steps), schedule="constant", label_smoothing=cfg.label_smoothing,
+                     grad_clip=cfg.grad_clip, eval_every_epoch=False)
+
+
+@dataclass
+class LearnerJob:
+    """One weak learner of one soup round: everything it needs, shared with no other job.
+
+    A round's jobs can run in any order, in other processes, on other ranks or GPUs:
+    :func:`train_learner` copies ``model`` (the main model as the round starts; not modified),
+    trains the copy on the job's own seeded data with a fresh AdamW (``spec``: warm-up from zero),
+    cuts its masks and returns them.
+
+    Attributes:
+        round, learner: 0-based indices (labels and records).
+        seed: seeds its data fraction, shuffling and augmentation; derived from (stage seed,
+            round, learner) alone.
+        fraction: its share of ``data.train`` (indices drawn from ``seed``).
+        spec: its training (:func:`learner_spec`).
+        goals: sparsities (fractions of the scope) its masks are cut at.
+        combine: the round's strategy (how a learner's masks are cut and labelled).
+        scope: the layers pruned.
+        model: the main model to copy.
+        masks: every mask in force (kept zero while it trains; its in-scope ones stay removed).
+        data: the run's data (``data.train``, ``data.cfg.workers``).
+        batch_size: images per step.
+        device: where it trains.
+        scores: ``model -> {weight: score}`` (wanda on the learner's own activations); None ranks |w|.
+        evaluate: ``(model, label) -> top-1 %`` of each of its masks; None skips it.
+    """
+
+    round: int
+    learner: int
+    seed: int
+    fraction: float
+    spec: Any
+    goals: list[float]
+    combine: Combine
+    scope: list[str]
+    model: Any
+    masks: dict
+    data: Any
+    batch_size: int
+    device: Any
+    scores: Callable | None = None
+    evaluate: Callable | None = None
+
+
+@dataclass
+class LearnerResult:
+    """What one :class:`LearnerJob` gives back (bool masks, numbers: cheap to gather across ranks).
+
+    Attributes:
+        masks: one mask set a goal (``{weight name: bool tensor}``).
+        images: training images it saw.
+        top1: top-1 (%) of each mask on its weights (empty without ``evaluate``).
+        violations: masked weights it left non-zero (0 when masks are enforced).
+        seconds: wall time of the job.
+        rank: the distributed rank that ran it (0 in a one-process run).
+    """
+
+    masks: list[dict]
+    images: int
+    top1: list[float] = field(default_factory=list)
+    violations: int = 0
+    seconds: float = 0.0
+    rank: int = 0
+
+    def to(self, device) -> LearnerResult:
+        """The same result with its masks as bool tensors on ``device`` (CPU to gather them across ranks)."""
+        import torch
+
+        sets = [{k: m.to(device, torch.bool) for k, m in s.items()} for s in self.masks]
+        return replace(self, masks=sets)
+
+
+def train_learner(job: LearnerJob) -> LearnerResult:
+    """Run one learner: copy the main model, train the copy on its data, cut its masks (see :class:`LearnerJob`)."""
+    import copy
+    import time
+
+    from lotus_deploy.masks import apply_masks_
+
+    t0 = time.perf_counter()
+    existing = scope_masks(job.model, job.scope, job.masks)
+    learner = copy.deepcopy(job.model)
+    idx = fraction_indices(len(job.data.train), job.fraction, job.seed)
+    images = train_on_fraction(learner, job.data, idx, job.spec, job.seed, job.batch_size, job.device, masks=job.masks,
+                               desc=f"round {job.round + 1} learner {job.learner + 1}")
+    bad = violations(learner, job.masks)
+    sets = job.combine.learner_masks(learner, job.scope, job.goals, existing, job.scores)
+    top1 = []
+    if job.evaluate is not None:
+        for goal, m in zip(job.goals, sets):
+            probe = learner if len(sets) == 1 else copy.deepcopy(learner)
+            apply_masks_(probe, m)
+            top1.append(job.evaluate(probe, f"round {job.round + 1} {job.combine.label(job.learner, goal)}"))
+    return LearnerResult(masks=sets, images=images, top1=top1, violations=bad, seconds=time.perf_counter() - t0)
 
 
 def strided(n: int, k: int) -> list[int]:
@@ -232,19 +502,23 @@ def fraction_indices(n: int, fraction: float, seed: int) -> list[int]:
     """A seeded random ``fraction`` of ``range(n)`` (at least one index), sorted."""
     import torch
 
-    k = max(1, int(round(fraction * n)))
+    k = fraction_size(n, fraction)
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
 # ----------------------------------------------------------------------------- round checkpoint
 
 
-def save_round(path, model, masks, rounds: list[dict], images: dict, fingerprint: str):
+def save_round(path, model, masks, rounds: list[dict], images: dict, fingerprint: str,
+               extra_tensors: dict | None = None, extra_meta: dict[str, str] | None = None):
     """Model + masks + round records after a round, atomically (:func:`lotus_deploy.files.save_tensors`).
 
     Args:
         fingerprint: what the rounds depend on (recipe up to the stage, input masks);
             :func:`load_round` only accepts a checkpoint with the same one.
+        extra_tensors, extra_meta: more state to continue from (the main model's optimizer:
+            :meth:`lotus_deploy.schedule.ScheduledTrainer.state_tensors`); tensor keys must not
+            start with ``model/`` or ``mask/``.
     """
     import json
 
@@ -252,12 +526,35 @@ def save_round(path, model, masks, rounds: list[dict], images: dict, fingerprint
 
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask/{k}": v for k, v in masks.items()})
-    meta = {"fingerprint": fingerprint, "round": str(len(rounds)), "rounds": json.dumps(rounds), "images": json.dumps(images)}
+    extra = dict(extra_tensors or {})
+    if any(k.startswith(("model/", "mask/")) for k in extra):
+        raise ValueError("extra tensor keys must not start with model/ or mask/")
+    tensors.update(extra)
+    meta = {**(extra_meta or {}), "fingerprint": fingerprint, "round": str(len(rounds)), "rounds": json.dumps(rounds),
+            "images": json.dumps(images)}
     return save_tensors(path, tensors, metadata=meta)
 
 
-def load_round(path, fingerprint: str):
-    """(state dict, masks, rounds, images) of a round checkpoint with this fingerprint, else None."""
+@dataclass
+class RoundCheckpoint:
+    """A round checkpoint read back (:func:`load_round`).
+
+    Attributes:
+        model: the model's state dict; masks: the masks in force; rounds: the round records;
+        images: images seen so far; extra_tensors, meta: what the caller saved besides
+        (``extra_tensors`` keyed as saved; ``meta`` all string metadata).
+    """
+
+    model: dict
+    masks: dict
+    rounds: list[dict]
+    images: dict
+    extra_tensors: dict
+    meta: dict
+
+
+def load_round(path, fingerprint: str) -> RoundCheckpoint | None:
+    """The round checkpoint at ``path`` if it has this fingerprint, else None (also when unreadable)."""
     import json
 
     from safetensors import safe_open
@@ -274,4 +571,5 @@ def load_round(path, fingerprint: str):
         return None
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     masks = {k[len("mask/"):]: v for k, v in tensors.items() if k.startswith("mask/")}
-    return model, masks, json.loads(meta["rounds"]), json.loads(meta["images"])
+    extra = {k: v for k, v in tensors.items() if not k.startswith(("model/", "mask/"))}
+    return RoundCheckpoint(model, masks, json.loads(meta["rounds"]), json.loads(meta["images"]), extra, dict(meta))

@@ -19,6 +19,11 @@ IJCAI 2023) keep, for each image, the patches the pretrained model attends to mo
   :class:`Selection` strategies in :data:`SELECTIONS` and run through the same code path.
 * **Token dropping**: :func:`forward_tokens` gathers the kept patch tokens after the positional
   embedding, so every block runs on ``prefix + K`` tokens (no masking).
+* **Hierarchical dropping** (Data-LTH / EViT): a :class:`DropPlan` cuts the tokens entering
+  some blocks (``at``) to ``K_i`` patches, chosen by the CLS attention of the block just before
+  (:func:`forward_features_dropping`: online inside the model's own forward, or on given nested
+  tickets, e.g. a frozen teacher's from :func:`hierarchical_tickets`). Tokens are gathered after
+  the positional embedding, so each carries its own position.
 
 Tensor shapes: ``B`` images, ``N = prefix + P`` tokens, ``P`` patches, ``H`` heads, ``D`` head
 width, ``L`` chosen blocks, ``K`` kept patches.
@@ -30,6 +35,7 @@ import hashlib
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -212,19 +218,51 @@ def score_dataset(
     workers: int = 0,
     desc: str = "ticket scores",
 ) -> dict[str, torch.Tensor]:
-    """Score every image of ``dataset`` (in order) with ``model``; sink -> (len, P) float32 on CPU."""
+    """Score every image of ``dataset`` (in order) with ``model``; sink -> (len, P) float32 on CPU.
+
+    In a distributed run the batches are spread over the ranks and gathered back in order
+    (:func:`sharded_batches`): every rank returns the scores of every image, equal to one
+    process's bit for bit (each batch is the one a single process would score).
+    """
     was = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    out: dict[str, list[torch.Tensor]] = {s: [] for s in SINKS}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for batch in bar(loader, desc=desc, unit="batch"):
+
+    def score(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast:
-            s = score_images(model, batch[0].to(device, non_blocking=True), block_ids)
-        for k, v in s.items():
-            out[k].append(v.float().cpu())
+            s = score_images(model, x.to(device, non_blocking=True), block_ids)
+        return {k: v.float().cpu() for k, v in s.items()}  # sink -> (B, P)
+
+    per_batch = sharded_batches(dataset, batch_size, workers, score, desc)
     model.train(was)
-    return {k: torch.cat(v) for k, v in out.items()}
+    return {k: torch.cat([b[k] for b in per_batch]) for k in SINKS}
+
+
+def sharded_batches(dataset: Dataset, batch_size: int, workers: int, fn: Callable[[torch.Tensor], object], desc: str) -> list:
+    """``fn(images)`` of every in-order batch of ``dataset``, in batch order (CPU results).
+
+    One process runs every batch. In a distributed run (:mod:`lotus_deploy.distributed`) rank
+    ``r`` runs batches ``r, r + world, ...`` of the same batching (so each batch, and its
+    result, is the one a single process computes) and every rank receives every result.
+
+    Args:
+        fn: images (B, 3, H, W) -> a picklable result on the CPU (tensors, lists of tensors).
+    """
+    from lotus_deploy import distributed as dist
+
+    if not dist.active():
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+        return [fn(batch[0]) for batch in bar(loader, desc=desc, unit="batch")]
+    n = len(dataset)
+    starts = list(range(0, n, batch_size))
+    mine = list(dist.shard_indices(len(starts)))  # batch numbers of this rank
+    batches = [list(range(starts[b], min(starts[b] + batch_size, n))) for b in mine]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    done = {b: fn(batch[0]) for b, batch in zip(mine, bar(loader, desc=desc, unit="batch"))}
+    out: dict[int, object] = {}
+    for part in dist.all_gather_object(done, what=f"{desc}: gathering the batches"):
+        out.update(part)
+    return [out[b] for b in range(len(starts))]
 
 
 # ----------------------------------------------------------------------------- tickets
@@ -417,6 +455,222 @@ def forward_tokens(model: nn.Module, x: torch.Tensor, idx: torch.Tensor | None =
     return model.forward_head(forward_features_tokens(model, x, idx))
 
 
+# ----------------------------------------------------------------------------- hierarchical dropping (Data-LTH / EViT)
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    """Where tokens are dropped and how many patches continue (hierarchical tickets).
+
+    Attributes:
+        at: block indices, ascending, each >= 1: the tokens entering ``blocks[at[i]]`` are cut
+            to ``kept[i]`` patches (plus every prefix token), chosen by the CLS attention of
+            ``blocks[at[i] - 1]``.
+        kept: K_i, patches continuing at each location (non-increasing, absolute counts).
+        patches: P, patches per image at the input.
+    """
+
+    at: tuple[int, ...]
+    kept: tuple[int, ...]
+    patches: int
+
+    @property
+    def scoring_blocks(self) -> list[int]:
+        """The block whose CLS attention decides each location: ``at[i] - 1``."""
+        return [a - 1 for a in self.at]
+
+    @property
+    def width(self) -> int:
+        """Columns of a concatenated ticket row: sum of K_i."""
+        return sum(self.kept)
+
+    def tokens_per_block(self, depth: int, num_prefix: int) -> list[int]:
+        """Tokens each of ``depth`` blocks runs on (prefix included)."""
+        out, n = [], self.patches
+        for b in range(depth):
+            if b in self.at:
+                n = self.kept[self.at.index(b)]
+            out.append(num_prefix + n)
+        return out
+
+    def split(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """Concatenated tickets (B, sum K_i) -> one (B, K_i) tensor per location."""
+        if row.shape[-1] != self.width:
+            raise ValueError(f"ticket rows have {row.shape[-1]} columns; the plan needs {self.width} (K per location {self.kept})")
+        return list(row.split(list(self.kept), dim=-1))
+
+
+def drop_plan(model: nn.Module, drop_at: Sequence[int], keeps: Sequence[float]) -> DropPlan:
+    """The :class:`DropPlan` of ``drop_at`` with a keep ratio per location (relative to the entering patches).
+
+    ``K_i = ceil(keep_i * K_{i-1})`` with ``K_0 = P`` (:func:`num_kept`), resolved once here.
+
+    Raises:
+        ValueError: a location outside [1, depth) or not ascending, or a ratio count mismatch.
+    """
+    depth = len(model.blocks)
+    at = tuple(int(a) for a in drop_at)
+    if len(keeps) != len(at):
+        raise ValueError(f"{len(keeps)} keep ratios for {len(at)} drop locations")
+    if not at or any(a < 1 or a >= depth for a in at) or any(a >= b for a, b in zip(at, at[1:])):
+        raise ValueError(f"drop_at must be ascending block indices in [1, {depth - 1}] for a model with {depth} blocks, got {list(at)}")
+    for a in at:
+        _attn_module(model, a - 1)
+    P = num_patches(model)
+    kept, n = [], P
+    for k in keeps:
+        n = num_kept(n, k)
+        kept.append(n)
+    return DropPlan(at, tuple(kept), P)
+
+
+def _gather_tokens(h: torch.Tensor, num_prefix: int, pos: torch.Tensor) -> torch.Tensor:
+    """Prefix tokens plus the patch tokens at positions ``pos`` (B, K) of the current sequence (B, prefix + n, C)."""
+    B, _, C = h.shape
+    kept = h[:, num_prefix:].gather(1, pos[:, :, None].expand(B, pos.shape[1], C))  # (B, K, C)
+    return torch.cat([h[:, :num_prefix], kept], dim=1)  # (B, prefix + K, C)
+
+
+def _positions(ids: torch.Tensor, ticket: torch.Tensor) -> torch.Tensor:
+    """Positions (B, K) in the current patch ids (B, n) of a ticket's patch ids (B, K); both ascending.
+
+    Raises:
+        ValueError: the ticket names a patch that was dropped earlier (tickets must be nested).
+    """
+    ticket = ticket.to(ids.device, torch.long).contiguous()
+    pos = torch.searchsorted(ids, ticket).clamp_max(ids.shape[1] - 1)  # (B, K)
+    if not torch.equal(ids.gather(1, pos), ticket):
+        raise ValueError("hierarchical tickets must be nested: each location keeps a subset of the previous one's patches")
+    return pos
+
+
+def _cls_patch_scores(attn: nn.Module, qkv: torch.Tensor, num_prefix: int, sink: str) -> torch.Tensor:
+    """Scores (B, n) of the current patches from one block's qkv (B, prefix + n, 3HD): its CLS attention averaged over heads."""
+    rows = attention_from_qkv(attn, qkv, rows=slice(0, 1))[:, :, 0]  # (B, H, prefix + n)
+    return patch_scores(rows[:, None], num_prefix, sink)  # (B, n)
+
+
+def forward_features_dropping(
+    model: nn.Module,
+    x: torch.Tensor,
+    plan: DropPlan,
+    tickets: Sequence[torch.Tensor] | None = None,
+    selection: str = "attention",
+    sink: str = "normalize",
+    generator: torch.Generator | None = None,
+    upto: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """timm ViT features with tokens dropped progressively before the blocks of ``plan.at``.
+
+    ``patch_embed -> _pos_embed -> norm_pre -> blocks``, and before ``blocks[at[i]]`` only the
+    prefix tokens and ``K_i`` patch tokens continue. The tokens are gathered after the
+    positional embedding, so each kept token carries its own position. Without ``tickets`` the
+    model chooses online: the CLS attention of ``blocks[at[i] - 1]`` on the tokens it saw
+    (recomputed from its qkv, detached; ``selection: random`` draws uniformly instead).
+
+    Args:
+        x: images (B, 3, H, W).
+        tickets: one (B, K_i) tensor per location of original patch indices in [0, P), each
+            row ascending and nested in the previous location's; None chooses online.
+        generator: CPU generator of random draws (``selection: random`` without tickets).
+        upto: stop before running ``blocks[upto]`` (after its drop, if any) and skip the final
+            norm (scoring passes).
+
+    Returns:
+        (features (B, prefix + K_last, C) after ``norm``, or the tokens entering ``blocks[upto]``;
+        the tickets used, one (B, K_i) int64 tensor per location, in original patch indices).
+    """
+    if tickets is None and selection not in ("attention", "random"):
+        raise ValueError(f"hierarchical selection must be attention or random, got {selection!r}")
+    npre = model.num_prefix_tokens
+    h = model.norm_pre(_embed(model, x))  # (B, prefix + P, C)
+    B = h.shape[0]
+    ids = torch.arange(plan.patches, device=h.device).expand(B, plan.patches).contiguous()  # (B, n): original patch index of each token
+    online = tickets is None and selection == "attention"
+    used: list[torch.Tensor] = []
+    with capture_qkv(model, plan.scoring_blocks if online else []) as qkv:
+        for b, blk in enumerate(model.blocks):
+            if b in plan.at:
+                i = plan.at.index(b)
+                if tickets is not None:
+                    pos = _positions(ids, tickets[i])
+                else:
+                    s = _cls_patch_scores(model.blocks[b - 1].attn, qkv[b - 1], npre, sink) if online else torch.rand(B, ids.shape[1], generator=generator)
+                    pos = top_k(s, plan.kept[i]).to(h.device)  # (B, K_i) positions in the current sequence, ascending
+                h = _gather_tokens(h, npre, pos)  # (B, prefix + K_i, C)
+                ids = ids.gather(1, pos)
+                used.append(ids)
+            if upto is not None and b >= upto:
+                return h, used
+            h = blk(h)
+    return model.norm(h), used
+
+
+def forward_tokens_dropping(model: nn.Module, x: torch.Tensor, plan: DropPlan, tickets: Sequence[torch.Tensor] | None = None, **kw) -> torch.Tensor:
+    """Logits (B, classes) of :func:`forward_features_dropping` (same arguments)."""
+    return model.forward_head(forward_features_dropping(model, x, plan, tickets, **kw)[0])
+
+
+@torch.no_grad()
+def hierarchical_tickets(model: nn.Module, x: torch.Tensor, plan: DropPlan, sink: str = "normalize") -> list[torch.Tensor]:
+    """A teacher's nested attention tickets of a batch: one (B, K_i) int64 tensor per location.
+
+    Runs the teacher only up to the block before the last location.
+    """
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("attention tickets need a CLS token (this model has none); use selection random")
+    return forward_features_dropping(model, x, plan, None, "attention", sink, upto=plan.at[-1])[1]
+
+
+def random_nested_tickets(n_images: int, plan: DropPlan, seed: int, epoch: int = 0) -> list[torch.Tensor]:
+    """Uniformly random nested tickets (one (n, K_i) tensor per location), fixed by ``seed`` and ``epoch``."""
+    g = ticket_generator(seed, epoch)
+    ids = torch.arange(plan.patches).expand(n_images, plan.patches)
+    out = []
+    for k in plan.kept:
+        ids = ids.gather(1, top_k(torch.rand(n_images, ids.shape[1], generator=g), k))
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def hierarchical_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    plan: DropPlan,
+    device: torch.device,
+    sink: str = "normalize",
+    batch_size: int = 64,
+    workers: int = 0,
+    desc: str = "hierarchical tickets",
+) -> dict[str, torch.Tensor]:
+    """The teacher's nested tickets of every image of ``dataset`` (in order).
+
+    In a distributed run the batches are spread over the ranks and gathered back in order, as
+    in :func:`score_dataset`.
+
+    Returns:
+        ``at<block>`` -> (len, K_i) int64 on the CPU, one entry per location.
+    """
+    was = model.training
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def tickets(x: torch.Tensor) -> list[torch.Tensor]:
+        with autocast:
+            t = hierarchical_tickets(model, x.to(device, non_blocking=True), plan, sink)
+        return [v.cpu() for v in t]  # one (B, K_i) per location
+
+    per_batch = sharded_batches(dataset, batch_size, workers, tickets, desc)
+    model.train(was)
+    return {f"at{a}": torch.cat([b[i] for b in per_batch]) for i, a in enumerate(plan.at)}
+
+
+def plan_tables(tables: dict[str, torch.Tensor], plan: DropPlan) -> torch.Tensor:
+    """``at<block>`` tables of :func:`hierarchical_dataset` -> one (n, sum K_i) table (for :class:`TicketDataset`)."""
+    return torch.cat([tables[f"at{a}"] for a in plan.at], dim=1)
+
+
 # ----------------------------------------------------------------------------- score cache
 
 
@@ -435,28 +689,46 @@ def cached_scores(
 ) -> tuple[dict[str, torch.Tensor], str, Path]:
     """Load scores keyed by ``info`` from ``directory``, or compute and store them.
 
+    In a distributed run (:mod:`lotus_deploy.distributed`) rank 0 alone reads the cache and
+    hands what it found to every rank (the run folder need not be visible from every node);
+    on a miss every rank runs ``compute`` (which spreads its batches over the ranks and returns
+    every image's scores on every rank: :func:`score_dataset`, :func:`hierarchical_dataset`),
+    rank 0 alone writes the file and the others wait for it at a barrier.
+
     Args:
         info: everything the scores depend on (teacher weights hash, data, subset indices,
             transform, blocks); its sha256 names the file.
-        compute: () -> sink -> (n, P) scores.
+        compute: () -> sink -> (n, P) scores (or any name -> tensor table).
 
     Returns:
         (scores, ``cache`` or ``computed``, file path).
     """
-    from lotus_deploy.files import load_tensors, save_tensors, sha256_json
+    from lotus_deploy import distributed as dist
+    from lotus_deploy.files import save_tensors, sha256_json
 
     key = sha256_json(info)
     path = Path(directory) / f"scores-{split}-{key[:16]}.safetensors"
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") == key:
-            return load_tensors(path), "cache", path
+    cached = dist.main_computes(lambda: _read_cache(path, key), f"reading the ticket cache {path.name}")
+    if cached is not None:
+        return cached, "cache", path
     scores = compute()
-    save_tensors(path, scores, metadata={"key": key, "info": json.dumps(info, sort_keys=True, default=str)})
+    if dist.is_main():
+        save_tensors(path, scores, metadata={"key": key, "info": json.dumps(info, sort_keys=True, default=str)})
+    dist.barrier(f"writing the ticket cache {path.name}")
     return scores, "computed", path
+
+
+def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The tables stored at ``path`` if the file holds ``key``, else None."""
+    from safetensors import safe_open
+
+    from lotus_deploy.files import load_tensors
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return load_tensors(path) if meta.get("key") == key else None
 
 
 # ----------------------------------------------------------------------------- figures (matplotlib in lotus_deploy.plots, imported lazily)

@@ -184,12 +184,24 @@ class EssentialSparsity(StageConfig):
 
 
 class InstantSoup(StageConfig):
-    """Iterative soup of weak-learner masks down to ``sparsity``, then one-shot rest and fine-tune.
+    """Instant Soup Pruning down to ``sparsity`` as its authors run it, then the one-shot rest and a fine-tune.
 
-    Optimizer fields left unset take the recipe's ``train:`` section (``finetune_warmup`` its ``warmup``).
+    The protocol of the authors' released code (Jaiswal et al., ICML 2023): the main model keeps
+    ONE AdamW and ONE warm-up -> decay schedule (``warmup``, ``schedule``) over all its round
+    steps and the final fine-tune; each round it trains on ``main_fraction`` of the data; learners
+    start from the main model's weights with a fresh AdamW warmed up linearly from zero over their
+    steps; gradients are clipped (``grad_clip``, 1.0 from ``train:``). The number of rounds is
+    planned from ``step`` before the first one, so the schedule's length is known.
+
+    Optimizer fields left unset take the recipe's ``train:`` section.
     """
 
     makes_masks: ClassVar[bool] = True
+    removed_fields: ClassVar[dict[str, str]] = {
+        "round_lr_scale": "removed: the main model follows one warm-up -> decay schedule over rounds and fine-tune and the "
+                          "learners warm up from zero, so the rounds no longer run at a constant full rate; lower lr / backbone_lr instead",
+        "finetune_warmup": "removed: use warmup, the warm-up of the main model's one schedule over its rounds and the fine-tune",
+    }
 
     kind: Literal["instant_soup"] = "instant_soup"
     impl: ClassVar[str] = "lotus_deploy.stages.soup"
@@ -197,42 +209,51 @@ class InstantSoup(StageConfig):
     scope: Scope = Field(default_factory=lambda: list(DEFAULT_SCOPE), description="layers pruned (global ranking by `criterion`)")
     criterion: Literal["magnitude", "wanda"] = Field("magnitude", description="how learners (and the one-shot remainder) rank weights: magnitude, or wanda on each learner's own activations (sparsegpt is not offered: merged masks would drop its reconstructed weights)")
     calibration_images: int = Field(CALIBRATION_IMAGES, gt=0, description=CALIBRATION_DOC)
+    start: Union[Literal["input"], SparsityOrKnee] = Field(
+        "input", description="where the rounds start: input (the model as it enters: dense unless an earlier stage pruned it; ISP's "
+        "default), or first prune one-shot (by `criterion`) to a sparsity: a fraction, knee or knee_curvature (needs an essential_sparsity stage before)",
+    )
     learners: int = Field(5, ge=1, description="weak learners per round (union_levels uses one)")
     data_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the training subset each learner trains on")
-    learner_epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="epochs over its fraction each learner trains")
-    step: float = Field(0.1, gt=0, lt=1, description="fraction of its remaining weights each learner prunes per round")
+    learner_epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="epochs over its fraction each learner trains (fresh AdamW, linear warm-up from zero over all its steps)")
+    step: float = Field(0.1, gt=0, lt=1, description="fraction of its remaining weights each learner prunes per round (planned: round r's goal is the start pruned r+1 times)")
     combine: Literal["union", "intersection", "vote", "union_levels"] = Field(
         "union", description="how learners' masks merge: union (ISP default), intersection, vote (strict majority), union_levels (LOTUS ISSP ablation)",
     )
     levels: list[Sparsity] | None = Field(
         None, description="union_levels: sparsity levels (fractions); default 3 levels evenly up to the target",
     )
-    stop_within: float = Field(0.05, ge=0, lt=1, description="stop the rounds when the sparsity is within this of the target (fraction)")
-    max_rounds: int = Field(50, ge=1, description="safety cap on rounds (a warning is logged when hit)")
-    main_fraction: float | None = Field(None, gt=0, le=1, description="fraction of the training subset the main model trains on each round; default data_fraction")
+    stop_within: float = Field(0.05, ge=0, lt=1, description="plan rounds until the planned sparsity is within this of the target (fraction); the rest is pruned one-shot")
+    max_rounds: int = Field(50, ge=1, description="cap on the planned rounds (a warning is logged when it cuts the plan short)")
+    main_fraction: float = Field(0.5, gt=0, le=1, description="fraction of the training subset the main model trains on each round (ISP's iter_training_ratio, 0.5 in the authors' code)")
     main_epochs: float = Field(1.0, ge=0, le=MAX_EPOCHS, description="epochs over its fraction the main model trains each round (0: no main training)")
-    lr: float | None = Field(None, gt=0, description="learning rate of the head, constant in rounds; default train.lr")
-    backbone_lr: float | None = Field(None, gt=0, description="learning rate of everything but the head; default train.backbone_lr, else lr * train.backbone_lr_scale")
-    round_lr_scale: float = Field(
-        1.0, gt=0, le=1, description="multiplies lr and backbone_lr while learners and the main model train in rounds; the final fine-tune uses them unscaled",
-    )
+    lr: float | None = Field(None, gt=0, description="peak learning rate of the head: the main model's schedule and each learner's warm-up; default train.lr")
+    backbone_lr: float | None = Field(None, gt=0, description="peak learning rate of everything but the head; default train.backbone_lr, else lr * train.backbone_lr_scale")
     weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay; default train.weight_decay")
+    warmup: float | None = Field(None, ge=0, description="warm-up of the main model's one schedule: a fraction of all its steps (rounds and fine-tune) if < 1, else steps; default train.warmup")
+    schedule: Literal["cosine", "constant"] | None = Field(None, description="the main model's schedule after the warm-up, over rounds and fine-tune; default train.schedule")
     label_smoothing: float | None = Field(None, ge=0, lt=1, description="default train.label_smoothing")
-    grad_clip: float | None = Field(None, ge=0, description="clip the gradient norm of learners, main model and fine-tune (0: no clipping); default train.grad_clip")
+    grad_clip: float | None = Field(None, ge=0, description="clip the gradient norm of learners, main model and fine-tune (0: no clipping); default train.grad_clip (1.0)")
     batch_size: int | None = Field(None, gt=0, description="images per step; default train.batch_size, else data.batch_size")
     prune_remainder: bool = Field(True, description="prune one-shot from the rounds' sparsity to the target (false: stop where the soup stopped)")
-    finetune_epochs: float = Field(1.0, ge=0, le=MAX_EPOCHS, description="final fine-tune over the training subset (cosine after warm-up)")
+    finetune_epochs: float = Field(1.0, ge=0, le=MAX_EPOCHS, description="length of the final fine-tune over the whole training subset (its own, not what the rounds left); it continues the main model's schedule")
     finetune_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="final fine-tune steps; overrides finetune_epochs")
-    finetune_warmup: float | None = Field(None, ge=0, description="final fine-tune warm-up: a fraction of its steps if < 1, else steps; default train.warmup")
     budget_images: int | None = Field(
-        None, gt=0, description="total images seen by learners, main model and fine-tune; the fine-tune gets the whole batches the rounds left (overrides its length)",
+        None, gt=0, description="equal-cost protocol: total images seen by learners, main model and fine-tune; the fine-tune gets the whole batches the planned rounds leave (overrides its length)",
     )
     eval_rounds: bool = Field(True, description="evaluate every learner, the combined mask and the main model in each round (eval_images), and the model before the fine-tune (all eval images)")
     eval_images: int | None = Field(None, gt=0, description="round evaluations use N eval images evenly strided over the eval split (default all); the final one uses all")
 
-    train_fields: ClassVar[dict[str, str]] = {  # rounds: constant lr, no warm-up; the fine-tune: cosine
-        **{f: f for f in TRAIN_FIELDS if f not in ("warmup", "schedule")}, "finetune_warmup": "warmup",
-    }
+    train_fields: ClassVar[dict[str, str]] = {f: f for f in TRAIN_FIELDS}  # warmup / schedule: the main model's one schedule
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        if isinstance(data, dict):
+            for name, why in cls.removed_fields.items():
+                if name in data:
+                    raise ValueError(f"{name}: {why}")
+        return data
 
     @model_validator(mode="after")
     def _levels(self) -> "InstantSoup":
@@ -245,35 +266,93 @@ class LotteryFinetune(Finetune):
     """Finetune on the top-K attention patches of each image (or random/all patches as controls).
 
     Every :class:`Finetune` field applies (schedule, learning rates, ``early_bird``).
+
+    Two ways to drop patches:
+
+    * input-level tickets (``drop_at`` unset): each image's K patches are chosen once, before the
+      first block, by the CLS attention of ``blocks``;
+    * hierarchical (``drop_at: [3, 6, 9]``, Data-LTH / EViT): the tokens entering each listed
+      block are cut to ``keep`` of those that reached it, chosen by the CLS attention of the
+      block just before it (in the student's own forward with ``teacher: self``, else in the
+      frozen teacher's forward); ``blocks`` does not apply.
     """
 
     kind: Literal["lottery_finetune"] = "lottery_finetune"  # type: ignore[assignment]
     impl: ClassVar[str] = "lotus_deploy.stages.lottery"
-    keep: float | None = Field(None, gt=0, le=1, description="fraction of patches kept per image; K = ceil(keep * patches); default 0.9 (the paper drops 10%)")
-    drop: float | None = Field(None, ge=0, lt=1, description="fraction of patches dropped (keep = 1 - drop); set keep or drop")
+    keep: Annotated[float, Field(gt=0, le=1)] | list[Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        None,
+        description="fraction of patches kept per image; K = ceil(keep * patches); default 0.9 (the paper drops 10%). "
+        "With drop_at: the fraction of the patches entering each location that continue, one value for every "
+        "location or a list (one per location); default 0.7 (Data-LTH / EViT)",
+    )
+    drop: float | None = Field(None, ge=0, lt=1, description="fraction of patches dropped (keep = 1 - drop; with drop_at: at each location); set keep or drop")
+    drop_at: list[int] | None = Field(
+        None,
+        description="hierarchical dropping: block indices (ascending, >= 1) before which tokens are dropped; the CLS attention "
+        "of the block just before each location decides which patches continue (Data-LTH: [3, 6, 9] of 12). Unset: "
+        "tickets chosen once at the input",
+    )
     selection: Literal["attention", "random", "full"] = Field("attention", description="attention: top-K teacher CLS attention; random: K random patches per image and epoch; full: every patch (control)")
-    blocks: Literal["last", "mean"] | list[int] = Field("last", description="blocks whose CLS attention scores patches: last, mean (all blocks) or a list of indices")
+    blocks: Literal["last", "mean"] | list[int] = Field("last", description="input-level tickets: blocks whose CLS attention scores patches: last, mean (all blocks) or a list of indices (unused with drop_at: leave it at last)")
     sink: Literal["normalize", "exclude"] = Field("normalize", description="attention sink: normalize (LOTUS: prefix weight -> mean patch weight, renormalize per head) or exclude (Data-LTH: drop the prefix columns)")
-    teacher: str | None = Field(None, description="variant of this run that scores patches (initial, dense, a finished stage name); default the model entering the stage")
+    teacher: str | None = Field(
+        None,
+        description="who scores patches: a variant of this run (initial, dense, a finished stage name) or of teacher_run; "
+        "self: the student's own CLS attention in its own forward (scoring online); default the model entering the stage",
+    )
+    teacher_run: str | None = Field(None, description="a finished run directory whose `teacher` variant scores patches (same patch grid); default this run")
     scoring: Literal["cached", "online"] = Field("cached", description="cached: score the training set once (no augmentation); online: the teacher scores each augmented batch")
     score_batch_size: int | None = Field(None, gt=0, description="batch size of the scoring pass; default the eval batch size")
-    eval_tokens: Literal["all", "ticket"] = Field("all", description="all: evaluate on every patch; ticket: also on the teacher's tickets of the eval images")
+    eval_tokens: Literal["all", "ticket"] = Field("all", description="all: evaluate on every patch; ticket: also on the teacher's tickets of the eval images (random tickets, fixed seed, for selection random)")
     show: int = Field(16, ge=0, description="training images in tickets.png (dropped patches greyed); 0: no figure")
 
     @model_validator(mode="after")
     def _keep_or_drop(self) -> "LotteryFinetune":
         if self.keep is not None and self.drop is not None:
             raise ValueError("set keep or drop, not both")
+        if self.drop_at is None:
+            if isinstance(self.keep, list):
+                raise ValueError("keep: a list (one ratio per location) needs drop_at")
+        else:
+            at = self.drop_at
+            if not at or any(b < 1 for b in at) or any(b >= c for b, c in zip(at, at[1:])):
+                raise ValueError(f"drop_at must be a non-empty ascending list of block indices >= 1 (a block before each location scores), got {at}")
+            if isinstance(self.keep, list) and len(self.keep) != len(at):
+                raise ValueError(f"keep has {len(self.keep)} ratios for {len(at)} drop_at locations: give one per location or a single value")
+            if self.blocks != "last":  # the default, written into every resolved recipe, is accepted and unused
+                raise ValueError("blocks names the scoring blocks of input-level tickets; with drop_at the block before each location scores (remove blocks)")
+            if self.selection == "full":
+                raise ValueError("selection full drops nothing: remove drop_at")
+        if self.teacher == "self" and self.scoring != "online":
+            raise ValueError("teacher self scores with the student's live attention: set scoring online")
+        if self.teacher_run is not None and self.teacher in (None, "self"):
+            raise ValueError("teacher_run needs teacher: the variant of that run that scores (e.g. dense)")
         return self
 
     @property
     def keep_ratio(self) -> float:
-        """The fraction of patches kept (1.0 for ``selection: full``)."""
+        """Input-level tickets: the fraction of patches kept (1.0 for ``selection: full``).
+
+        Raises:
+            ValueError: the stage drops hierarchically (see :attr:`location_keeps`).
+        """
+        if self.drop_at is not None:
+            raise ValueError("a hierarchical stage (drop_at) keeps a ratio per location: use location_keeps")
         if self.selection == "full":
             return 1.0
         if self.drop is not None:
             return 1.0 - self.drop
-        return 0.9 if self.keep is None else self.keep
+        return 0.9 if self.keep is None else float(self.keep)  # type: ignore[arg-type]
+
+    @property
+    def location_keeps(self) -> list[float]:
+        """Hierarchical: the fraction of entering patches that continue at each ``drop_at`` location."""
+        if self.drop_at is None:
+            raise ValueError("location_keeps needs drop_at")
+        if isinstance(self.keep, list):
+            return [float(k) for k in self.keep]
+        one = 1.0 - self.drop if self.drop is not None else (0.7 if self.keep is None else float(self.keep))
+        return [one] * len(self.drop_at)
 
 
 class SemiStructured(StageConfig):

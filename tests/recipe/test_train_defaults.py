@@ -33,7 +33,7 @@ def _new_user(tiny_recipe_dict) -> dict:
 def test_new_user_chain_resolves_to_a_safe_backbone_lr(tiny_recipe_dict):
     import torch
 
-    from lotus_deploy.stages import soup
+    from lotus_deploy.prune.soup import learner_spec
     from lotus_deploy.train import param_groups
 
     r = parse_recipe(_new_user(tiny_recipe_dict))
@@ -41,9 +41,9 @@ def test_new_user_chain_resolves_to_a_safe_backbone_lr(tiny_recipe_dict):
         assert s.lr == 1e-3 and s.backbone_lr == pytest.approx(1e-3 / 30), s.name
         assert s.weight_decay == 0.05 and s.grad_clip == 1.0 and s.label_smoothing == 0.1 and s.batch_size == 32
     ft, isp, lottery = r.stages
-    assert ft.warmup == lottery.warmup == isp.finetune_warmup == 0.1 and ft.schedule == "cosine"
-    # what the soup's learners and main model really train with
-    spec = soup._Ctx(isp, state=None, target=0.5, base_seed=0, bs=32).spec(1.0)
+    assert ft.warmup == lottery.warmup == isp.warmup == 0.1 and ft.schedule == isp.schedule == "cosine"
+    # what the soup's learners really train with (the main model's trainer takes isp.lr / isp.backbone_lr as they are)
+    spec = learner_spec(isp, steps=8)
     assert spec.backbone_lr == pytest.approx(1e-3 / 30) and spec.grad_clip == 1.0
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     model.get_classifier = lambda: model[1]
@@ -56,11 +56,11 @@ def test_unset_fields_inherit_and_set_fields_win(tiny_recipe_dict):
     raw["train"] = {"lr": 4e-4, "weight_decay": 0.1, "warmup": 0.2, "schedule": "constant", "grad_clip": 2.0,
                     "label_smoothing": 0.05, "batch_size": 16}
     raw["stages"][0].update(lr=1e-3, grad_clip=0, batch_size=8)
-    raw["stages"][1].update(backbone_lr=1e-6, finetune_warmup=0)
+    raw["stages"][1].update(backbone_lr=1e-6, warmup=0)
     ft, isp, lottery = parse_recipe(raw).stages
     assert (ft.lr, ft.backbone_lr, ft.grad_clip, ft.batch_size) == (1e-3, pytest.approx(1e-3 / 30), 0, 8)  # backbone follows its own lr
     assert (ft.weight_decay, ft.warmup, ft.schedule, ft.label_smoothing) == (0.1, 0.2, "constant", 0.05)
-    assert (isp.lr, isp.backbone_lr, isp.finetune_warmup, isp.grad_clip, isp.batch_size) == (4e-4, 1e-6, 0, 2.0, 16)
+    assert (isp.lr, isp.backbone_lr, isp.warmup, isp.schedule, isp.grad_clip, isp.batch_size) == (4e-4, 1e-6, 0, "constant", 2.0, 16)
     assert (lottery.lr, lottery.backbone_lr, lottery.batch_size) == (4e-4, pytest.approx(4e-4 / 30), 16)
 
 
@@ -74,8 +74,8 @@ def test_train_backbone_lr_and_scale(tiny_recipe_dict):
 
 def test_stage_fields_not_in_train_keep_their_own_defaults(tiny_recipe_dict):
     isp = parse_recipe(_new_user(tiny_recipe_dict)).stages[1]
-    assert set(isp.train_fields) == {f for f in TRAIN_FIELDS if f not in ("warmup", "schedule")} | {"finetune_warmup"}
-    assert isp.round_lr_scale == 1.0 and not hasattr(isp, "schedule")  # rounds: constant lr, no warm-up
+    assert set(isp.train_fields) == set(TRAIN_FIELDS)  # warmup / schedule: the main model's one schedule
+    assert (isp.main_fraction, isp.finetune_epochs, isp.learners, isp.start) == (0.5, 1.0, 5, "input")  # the soup's own
 
 
 def test_dump_shows_the_resolved_values_and_round_trips(tiny_recipe_dict):

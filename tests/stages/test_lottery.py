@@ -264,3 +264,258 @@ def test_unknown_teacher_is_a_run_error(tmp_path):
     with pytest.raises(RunError, match="teacher 'nope'"):
         compress(_recipe(stages), out=tmp_path / "t", quiet=True)
     assert json.loads((tmp_path / "t" / "manifest.json").read_text())["stages"][0]["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------- hierarchical dropping (Data-LTH / EViT)
+
+HIER = {"drop_at": [1, 2, 3], "keep": 0.7}  # tiny model (4 blocks, 16 patches): K = 12, 9, 7
+HIER_TOKENS = [17, 13, 10, 8]  # tokens entering blocks 0..3: CLS + 16, 12, 9, 7
+
+
+def _tiny_recipe(stages, augment="none", model_kwargs=None):
+    r = copy.deepcopy(TINY_RECIPE)
+    r["model"] = {"name": "lotus_vit_tiny_patch8_32", "num_classes": 10, "kwargs": dict(model_kwargs or {})}
+    r["data"].update({"batch_size": 16, "train_subset": 48, "eval_subset": 32, "augment": augment})
+    r["stages"] = stages
+    return parse_recipe(r)
+
+
+@pytest.mark.parametrize(
+    "fields,keeps",
+    [({"drop_at": [3, 6, 9]}, [0.7] * 3), ({"drop_at": [3, 6, 9], "keep": 0.5}, [0.5] * 3),
+     ({"drop_at": [2, 4], "keep": [0.9, 0.6]}, [0.9, 0.6]), ({"drop_at": [1], "drop": 0.25}, [0.75])],
+    ids=["default-0.7-each", "one-ratio-each", "ratio-per-location", "drop"],
+)
+def test_hierarchical_config(fields, keeps):
+    cfg = _recipe([{"kind": "lottery_finetune", **fields}]).stages[0]
+    assert cfg.location_keeps == pytest.approx(keeps)
+    with pytest.raises(ValueError, match="location_keeps"):
+        _ = cfg.keep_ratio
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"drop_at": [0, 3]}, {"drop_at": [6, 3]}, {"drop_at": [3, 3]}, {"drop_at": []}, {"drop_at": [3, 6], "keep": [0.7]},
+     {"keep": [0.7, 0.7]}, {"drop_at": [3], "blocks": "mean"}, {"drop_at": [3], "selection": "full"},
+     {"drop_at": [3], "keep": [1.2]}, {"drop_at": [3], "nope": 1}, {"teacher": "self"}, {"teacher_run": "runs/x"},
+     {"teacher": "self", "scoring": "online", "teacher_run": "runs/x"}],
+    ids=["block-0", "descending", "repeated", "empty", "ratio-count", "list-without-drop-at", "blocks-with-drop-at",
+         "full-with-drop-at", "ratio-above-1", "unknown-field", "self-cached", "run-without-teacher", "run-with-self"],
+)
+def test_bad_hierarchical_config_is_a_recipe_error(fields):
+    with pytest.raises(RecipeError):
+        _recipe([{"kind": "lottery_finetune", **fields}])
+
+
+class _PlanRecorder:
+    """Wraps tickets.forward_tokens_dropping: per call, train/eval, tokens entering each block, the images and tickets."""
+
+    def __init__(self):
+        self.calls = []
+        self.orig = T.forward_tokens_dropping
+
+    def __call__(self, model, x, plan, tickets=None, **kw):
+        seen = []
+        hs = [b.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape[1])) for b in model.blocks]
+        try:
+            out = self.orig(model, x, plan, tickets, **kw)
+        finally:
+            for h in hs:
+                h.remove()
+        self.calls.append({"training": model.training, "tokens": seen, "x": x.detach().clone(), "model": model,
+                           "tickets": None if tickets is None else [t.detach().clone() for t in tickets],
+                           "selection": kw.get("selection", "attention")})
+        return out
+
+
+HIER_ARMS = {
+    "cached": ({"scoring": "cached", "teacher": "train", "epochs": 2}, "none"),
+    "online": ({"scoring": "online", "teacher": "train", "steps": 3}, "crop_flip"),
+    "self": ({"scoring": "online", "teacher": "self", "steps": 3}, "crop_flip"),
+    "random": ({"scoring": "online", "selection": "random", "epochs": 2}, "crop_flip"),
+}
+
+
+@pytest.fixture(scope="module")
+def hier_runs(tmp_path_factory):
+    """finetune `train` -> hierarchical lottery_finetune (eval on tickets), one run per arm, forward calls recorded."""
+    out = {}
+    for arm, (fields, augment) in HIER_ARMS.items():
+        rec = _PlanRecorder()
+        stages = [
+            {"kind": "finetune", "name": "train", "steps": 4, "lr": 2e-3},
+            {"kind": "lottery_finetune", "name": "lottery", "lr": 2e-3, "eval_tokens": "ticket", "show": 4, **HIER, **fields},
+        ]
+        torch.manual_seed(0)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(T, "forward_tokens_dropping", rec)
+            run_dir = compress(_tiny_recipe(stages, augment), out=tmp_path_factory.mktemp("hier") / arm, quiet=True)
+        out[arm] = (run_dir, rec.calls)
+    return out
+
+
+@pytest.mark.parametrize("arm", list(HIER_ARMS))
+def test_hierarchical_stage_runs_end_to_end_on_k_tokens_per_location(hier_runs, arm):
+    run_dir, calls = hier_runs[arm]
+    e = _entry(run_dir, "lottery")
+    m = e["metrics"]
+    assert e["status"] == "done"
+    assert (m["drop_at"], m["kept_per_location"], m["tokens_per_block"]) == ([1, 2, 3], [12, 9, 7], HIER_TOKENS)
+    assert m["blocks"] == [0, 1, 2] and m["kept_patches"] == 7
+    assert m["token_fraction"] == pytest.approx(sum(HIER_TOKENS) / (4 * 17))
+    train_calls = [c for c in calls if c["training"]]
+    eval_calls = [c for c in calls if not c["training"]]
+    assert train_calls and eval_calls
+    assert all(c["tokens"] == HIER_TOKENS for c in calls)  # training and ticket evaluation alike
+    assert all("eval_top1" in h and "eval_ticket_top1" in h for h in m["history"])
+    assert m["ticket_top1"] == m["history"][-1]["eval_ticket_top1"] and 0 <= m["top1"] <= 100
+    assert (run_dir / e["artifacts"]["tickets_png"]["path"]).read_bytes()[:8] == PNG
+    assert m["augment"] == HIER_ARMS[arm][1]
+
+
+def test_hierarchical_cached_tickets_are_stored_nested(hier_runs):
+    run_dir, calls = hier_runs["cached"]
+    m = _entry(run_dir, "lottery")["metrics"]
+    assert m["scores_source"] == "computed" and m["teacher"] == "train"
+    tables = load_tensors(run_dir / m["scores_file"])
+    assert {k: tuple(v.shape) for k, v in tables.items()} == {"at1": (48, 12), "at2": (48, 9), "at3": (48, 7)}
+    assert all(bool(torch.isin(tables["at3"][i], tables["at2"][i]).all() and torch.isin(tables["at2"][i], tables["at1"][i]).all()) for i in range(48))
+    assert all(c["tickets"] is not None for c in calls)  # the student runs on the teacher's tickets, never its own
+
+
+def test_hierarchical_ticket_eval_equals_the_teachers_tickets_recomputed(hier_runs):
+    from lotus_deploy.data import build_data
+    from lotus_deploy.models import input_spec
+    from lotus_deploy.run import Run
+    from lotus_deploy.train import evaluate
+
+    run_dir, _ = hier_runs["cached"]
+    run = Run(run_dir)
+    teacher, _ = run.load("train")
+    student, _ = run.load("lottery")
+    plan = T.drop_plan(teacher, [1, 2, 3], [0.7] * 3)
+    data = build_data(run.recipe.data, input_spec(student))
+    ev = data.eval_dataset()
+    x = torch.stack([ev[i][0] for i in range(len(ev))])
+    y = torch.tensor([int(ev[i][1]) for i in range(len(ev))])
+    tickets = T.hierarchical_tickets(teacher, x, plan)
+    loader = [(x, y, torch.cat(tickets, 1))]
+    r = evaluate(student, loader, torch.device("cpu"), forward=lambda x_, idx: T.forward_tokens_dropping(student, x_, plan, plan.split(idx)))
+    assert _entry(run_dir, "lottery")["metrics"]["ticket_top1"] == pytest.approx(r["top1"])
+
+
+def test_hierarchical_online_teacher_scores_each_augmented_batch(hier_runs):
+    from lotus_deploy.run import Run
+
+    run_dir, calls = hier_runs["online"]
+    teacher, _ = Run(run_dir).load("train")
+    plan = T.drop_plan(teacher, [1, 2, 3], [0.7] * 3)
+    train_calls = [c for c in calls if c["training"]]
+    assert len(train_calls) == 3
+    m = _entry(run_dir, "lottery")["metrics"]
+    assert m["teacher_seconds"] > 0 and m["history"][-1]["teacher_seconds"] == m["teacher_seconds"]  # one epoch of 3 steps
+    for c in train_calls:  # the frozen `train` variant chose these tickets on this (augmented) batch
+        want = T.hierarchical_tickets(teacher, c["x"], plan)
+        assert all(torch.equal(g, w) for g, w in zip(c["tickets"], want))
+
+
+def test_hierarchical_self_teacher_chooses_inside_its_own_forward(hier_runs):
+    run_dir, calls = hier_runs["self"]
+    m = _entry(run_dir, "lottery")["metrics"]
+    assert (m["teacher"], m["teacher_seconds"]) == ("self", 0.0)  # no pass outside the student's own forward
+    assert all(c["tickets"] is None and c["selection"] == "attention" for c in calls)  # training and ticket eval
+    assert not (run_dir / "tickets").exists()  # nothing scored ahead
+
+
+def test_hierarchical_random_arm_evaluates_on_fixed_random_tickets(hier_runs):
+    run_dir, calls = hier_runs["random"]
+    m = _entry(run_dir, "lottery")["metrics"]
+    assert m["scores_source"] == "online" and len(m["history"]) == 2
+    train_calls = [c for c in calls if c["training"]]
+    assert all(c["tickets"] is None and c["selection"] == "random" for c in train_calls)
+    evals = [c for c in calls if not c["training"]]
+    assert len(evals) == 2 * 2  # 32 eval images in batches of 16, two epochs
+    first, second = evals[:2], evals[2:]
+    assert all(torch.equal(a, b) for ca, cb in zip(first, second) for a, b in zip(ca["tickets"], cb["tickets"]))
+    teacher_like = T.hierarchical_tickets(first[0]["model"], first[0]["x"], T.drop_plan(first[0]["model"], [1, 2, 3], [0.7] * 3))
+    assert not all(torch.equal(a, b) for a, b in zip(first[0]["tickets"], teacher_like))  # random, not attention
+
+
+def test_input_level_random_and_attention_arms_evaluate_on_tickets(tmp_path, monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(T, "forward_tokens", rec)
+    stages = [
+        {"kind": "lottery_finetune", "name": "att", "steps": 2, "keep": 0.5, "eval_tokens": "ticket", "show": 0},
+        {"kind": "lottery_finetune", "name": "rand", "steps": 2, "keep": 0.5, "selection": "random", "eval_tokens": "ticket", "show": 0},
+        {"kind": "lottery_finetune", "name": "self", "steps": 2, "keep": 0.5, "teacher": "self", "scoring": "online", "eval_tokens": "ticket", "show": 0},
+    ]
+    run_dir = compress(_recipe(stages), out=tmp_path / "r", quiet=True)
+    for name in ("att", "rand", "self"):
+        m = _entry(run_dir, name)["metrics"]
+        assert 0 <= m["ticket_top1"] <= 100 and "eval_ticket_top1" in m["history"][-1], name
+    assert _entry(run_dir, "self")["metrics"]["teacher"] == "self"
+    assert rec.shapes == [(16, 8)] * 3 * (2 + 2)  # per stage: 2 training steps, then 2 ticket-eval batches of 16 of the 32 images
+
+
+def test_hierarchical_show_run_tickets(hier_runs, tmp_path):
+    from lotus_deploy.stages.lottery import show_run_tickets
+
+    run_dir, _ = hier_runs["cached"]
+    assert show_run_tickets(run_dir, 3, tmp_path / "t.png").read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------------------------------- a teacher from another run
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    torch.manual_seed(1)
+    stages = [{"kind": "finetune", "name": "train", "steps": 3, "lr": 2e-3}, {"kind": "magnitude_prune", "sparsity": 0.5}]
+    return compress(_tiny_recipe(stages), out=tmp_path_factory.mktemp("teacher") / "dense", quiet=True)
+
+
+def test_teacher_run_dense_variant_scores(teacher_run, tmp_path, monkeypatch):
+    from lotus_deploy.run import Run
+
+    used = []
+    orig = T.hierarchical_dataset
+    monkeypatch.setattr(T, "hierarchical_dataset", lambda model, *a, **k: used.append(model) or orig(model, *a, **k))
+    stages = [{"kind": "lottery_finetune", "name": "lottery", "steps": 2, "teacher": "dense", "teacher_run": str(teacher_run), "show": 0, **HIER}]
+    torch.manual_seed(2)
+    run_dir = compress(_tiny_recipe(stages), out=tmp_path / "student", quiet=True)
+    m = _entry(run_dir, "lottery")["metrics"]
+    assert m["teacher"] == f"{teacher_run}:dense"
+    dense, _ = Run(teacher_run).load("dense")
+    (teacher,) = used
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in teacher.state_dict().items())  # the other run's dense scored
+    student_initial = load_tensors(run_dir / "initial" / "model.safetensors")
+    assert not torch.equal(student_initial["blocks.0.attn.qkv.weight"], dense.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_teacher_run_with_another_patch_grid_is_a_run_error(teacher_run, tmp_path):
+    stages = [{"kind": "lottery_finetune", "steps": 1, "teacher": "dense", "teacher_run": str(teacher_run), "show": 0, **HIER}]
+    with pytest.raises(RunError, match="patch grid"):
+        compress(_tiny_recipe(stages, model_kwargs={"patch_size": 4}), out=tmp_path / "s", quiet=True)
+
+
+def test_hierarchical_online_and_cached_tickets_agree_on_unaugmented_images(tmp_path):
+    """The same teacher picks the same nested tickets for each training image, scored once (cached) or per batch (online)."""
+    per_image = {}
+    for scoring in ("cached", "online"):
+        rec = _PlanRecorder()
+        stages = [
+            {"kind": "finetune", "name": "train", "steps": 4, "lr": 2e-3},
+            {"kind": "lottery_finetune", "name": "lottery", "steps": 3, "lr": 2e-3, "teacher": "train", "scoring": scoring, "show": 0, **HIER},
+        ]
+        torch.manual_seed(0)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(T, "forward_tokens_dropping", rec)
+            compress(_tiny_recipe(stages, "none"), out=tmp_path / scoring, quiet=True)
+        seen = {}
+        for c in (c for c in rec.calls if c["training"]):
+            for n in range(c["x"].shape[0]):
+                seen[c["x"][n].numpy().tobytes()] = [t[n].tolist() for t in c["tickets"]]
+        per_image[scoring] = seen
+    cached, online = per_image["cached"], per_image["online"]
+    assert len(cached) == len(online) == 48  # 3 steps of 16 images: each image once
+    assert cached == online
