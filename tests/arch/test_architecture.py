@@ -17,7 +17,7 @@ PACKAGE = ROOT / "lotus_deploy"
 # Modules that train or prune: serving (runtime, a run directory opened for serving) never imports them.
 TRAINING = ("lotus_deploy.stages", "lotus_deploy.train", "lotus_deploy.pipeline", "lotus_deploy.prune.soup",
             "lotus_deploy.prune.tickets", "lotus_deploy.prune.early_bird", "lotus_deploy.prune.sweep",
-            "lotus_deploy.prune.permute", "lotus_deploy.state")
+            "lotus_deploy.prune.permute", "lotus_deploy.state", "lotus_deploy.schedule")
 
 
 def module_name(path: Path) -> str:
