@@ -90,7 +90,7 @@ def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
 
         r = load_recipe(recipe, list(overrides))
         check_inputs(r, str(recipe))
-    click.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.name for s in r.stages)})")
+    click.echo(f"{recipe}: ok ({len(r.stages)} stage{'s' if len(r.stages) != 1 else ''}: {', '.join(s.name for s in r.stages)})")
 
 
 @main.command()
