@@ -16,6 +16,8 @@
 #                         (torch fp32/fp16/bf16, torch 2:4, ONNX Runtime CUDA/TensorRT, TensorRT fp16 engine;
 #                         not torch.compile nor the tensorrt_<precision> engines: each is one more build);
 #                         the ones not available here are listed with the reason
+#   ddp_nccl         45 s torchrun --nproc_per_node <GPUs> -m lotus_deploy compress a tiny 3-stage recipe
+#                         (device auto: cuda:LOCAL_RANK, NCCL): the NCCL path of lotus_deploy.distributed
 #   export_int8     rest  lotus export --precision int8 --trt: Q/DQ ONNX, then a strongly typed engine
 #
 # Needs: python with a CUDA build of torch, onnxruntime (or onnxruntime-gpu) and timm installed; pip
@@ -136,6 +138,22 @@ step install 150 bash -c "$(declare -f install); PY='$PY' WORK='$WORK' install"
 step pytest 150 "$PY" -m pytest -q -m "gpu or trt" -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 step gemm_24 60 "$PY" benchmarks/gemm_24.py --batches 1,8,64,256 --iters 30 --out "$OUT"
 step run_2to4 90 bash -c "$(declare -f make_run); PY='$PY' WORK='$WORK' RUN='$RUN' make_run"
+cat > "$WORK/ddp.yaml" <<'YAML'
+version: 1
+name: ddp
+seed: 0
+device: auto
+model: {name: lotus_vit_tiny_patch8_32, num_classes: 10}
+data: {kind: digits, batch_size: 32}
+train: {backbone_lr_scale: 1.0}
+stages:
+  - {kind: finetune, name: train, train: all, epochs: 3, lr: 1.0e-3}
+  - {kind: magnitude_prune, sparsity: 0.5}
+  - {kind: finetune, name: recover, epochs: 1, lr: 5.0e-4}
+YAML
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
+step ddp_nccl 45 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m lotus_deploy compress "$WORK/ddp.yaml" \
+  --out "$WORK/run-ddp" --force -q
 if [ -f "$RUN/manifest.json" ]; then
   step bench 150 bash -c "$(declare -f bench); PY='$PY' WORK='$WORK' RUN='$RUN' OUT='$OUT' bench"
   step export_int8 150 bash -c "$(declare -f export_int8); PY='$PY' WORK='$WORK' RUN='$RUN' OUT='$OUT' export_int8"
