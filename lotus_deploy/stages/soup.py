@@ -174,7 +174,9 @@ def run_learners(jobs: list[LearnerJob]) -> list[LearnerResult]:
     (:func:`lotus_deploy.distributed.solo`: no DDP, no sharded loader, its evaluation on the
     whole eval subset), and every rank receives every result (masks as CPU bool tensors,
     images, top-1, seconds, the rank that ran it). A job is seeded from (stage seed, round,
-    learner) alone, so its masks do not depend on the rank that ran it.
+    learner) alone, so its masks do not depend on the rank that ran it. With more learners
+    than ranks, or a count the world does not divide, a rank with fewer jobs waits in the
+    gather for the others: ``LOTUS_DIST_TIMEOUT`` must exceed one learner's wall time.
     """
     from lotus_deploy.progress import bar
 
