@@ -192,6 +192,32 @@ def balanced_subset(targets: list[int], n: int, seed: int) -> list[int]:
     return sorted(out)
 
 
+def shuffled_loader(dataset: Dataset, seed: int, batch_size: int, epoch: int = 0, workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """Shuffled loader of ``dataset`` whose order depends only on ``seed + epoch``; the one training loader.
+
+    In a distributed run each rank gets its share of every global batch: a DistributedSampler
+    (seeded with ``seed``, ``set_epoch(epoch)``: the same permutation as one process draws for
+    ``seed + epoch``, each rank taking every world-size-th image, the last few repeated so that
+    every rank runs the same number of steps) and ``batch_size / world size`` images per rank, so
+    a recipe's batch size is the global one at any world size. Pinned memory when a GPU is present.
+
+    Args:
+        batch_size: images per step (the global batch in a distributed run).
+
+    Raises:
+        RunError: the batch size is not divisible by the world size.
+    """
+    common = {"num_workers": workers, "drop_last": drop_last, "persistent_workers": False, "pin_memory": _pin_memory()}
+    g = torch.Generator().manual_seed(seed + epoch)
+    if not dist.active():
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, **common)
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=per_rank_batch(batch_size), sampler=sampler, generator=g, **common)
+
+
 @dataclass
 class DataBundle:
     """The train and eval splits of a recipe, subset and transformed for one model."""
@@ -216,16 +242,7 @@ class DataBundle:
         Raises:
             RunError: the batch size is not divisible by the world size.
         """
-        bs = batch_size or self.cfg.batch_size
-        common = {"num_workers": self.cfg.workers, "drop_last": drop_last, "persistent_workers": False,
-                  "pin_memory": _pin_memory()}
-        if not dist.active():
-            return DataLoader(self.train, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed + epoch), **common)
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(self.train, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=drop_last)
-        sampler.set_epoch(epoch)
-        return DataLoader(self.train, batch_size=per_rank_batch(bs), sampler=sampler, generator=torch.Generator().manual_seed(seed + epoch), **common)
+        return shuffled_loader(self.train, seed, batch_size or self.cfg.batch_size, epoch, self.cfg.workers, drop_last)
 
     def eval_dataset(self) -> Dataset:
         """The eval split; decoded tensors held in memory when ``cache_eval``."""

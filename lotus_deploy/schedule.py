@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from lotus_deploy.distributed import all_reduce_sum, wrap_ddp
 from lotus_deploy.masks import apply_masks_
 from lotus_deploy.progress import bar
-from lotus_deploy.train import NonFiniteLoss, autocast, lr_factor, param_groups
+from lotus_deploy.train import (
+    NonFiniteLoss,
+    autocast,
+    finite_everywhere,
+    lr_factor,
+    param_groups,
+)
 
 OPTIM_PREFIX = "optim/"  # tensor keys of the optimizer state in a checkpoint: optim/<param index>/<name>
 
@@ -149,7 +155,7 @@ class ScheduledTrainer:
             with autocast(self.device):
                 logits = (ddp or self.model)(x)  # (B, classes); B is this rank's share under DDP
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-            if not _finite_everywhere(loss, ddp is not None):
+            if not finite_everywhere(loss, ddp is not None):
                 raise NonFiniteLoss(f"{desc}: non-finite loss ({loss.item()}) at global step {self.step + 1} "
                                     f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); lower lr / backbone_lr or set grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
@@ -208,12 +214,3 @@ class ScheduledTrainer:
         self.step = int(meta["optim_step"])
 
 
-def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
-    """Whether the loss is finite on this rank, and with ``distributed`` on every rank (one all-reduce).
-
-    As :func:`lotus_deploy.train.train` checks it (its helper is private to that module).
-    """
-    ok = bool(torch.isfinite(loss))
-    if distributed:
-        ok = all_reduce_sum([0.0 if ok else 1.0], what="the finite-loss check")[0] == 0.0
-    return ok

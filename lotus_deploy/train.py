@@ -239,7 +239,7 @@ def train(
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
                 if distill is not None:
                     loss = distill(loss, logits, x)
-            if not _finite_everywhere(loss, ddp is not None):
+            if not finite_everywhere(loss, ddp is not None):
                 raise NonFiniteLoss(
                     f"{desc}: non-finite loss ({loss.item()}) at step {step + 1} (lr {opt.param_groups[0]['lr']:.3g}); the stage stops and "
                     "its model is not saved (the last good checkpoint stays); lower lr / backbone_lr or set grad_clip"
@@ -285,7 +285,7 @@ def train(
     return history
 
 
-def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
+def finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
     """Whether the loss is finite on this rank, and with ``distributed`` on every rank."""
     ok = bool(torch.isfinite(loss))
     if distributed:

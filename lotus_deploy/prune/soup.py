@@ -327,35 +327,13 @@ def fraction_batches(data, indices, seed: int, batch_size: int, shard: bool = Fa
 
     ds = Subset(data.train, list(indices))
     if shard and dist.active():
-        return _sharded_batches(ds, seed * 1009, batch_size, data.cfg.workers)
+        from lotus_deploy.data import shuffled_loader
+
+        return lambda epoch: shuffled_loader(ds, seed * 1009, batch_size, epoch, data.cfg.workers)
 
     def make_loader(epoch: int):
         return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=data.cfg.workers,
                           generator=torch.Generator().manual_seed(seed * 1009 + epoch))
-
-    return make_loader
-
-
-def _sharded_batches(ds, seed: int, batch_size: int, workers: int) -> Callable[[int], Any]:
-    """``epoch -> DataLoader`` of this rank's share of ``ds`` shuffled from ``seed + epoch`` (see :func:`fraction_batches`).
-
-    Written here because :meth:`lotus_deploy.data.DataBundle.train_loader` shards only the
-    bundle's own training split, not a subset of it.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from lotus_deploy import distributed as dist
-    from lotus_deploy.data import per_rank_batch
-
-    per_rank = per_rank_batch(batch_size)
-
-    def make_loader(epoch: int):
-        sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)  # permutation of torch.Generator().manual_seed(seed + epoch), as one process draws
-        return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                          generator=torch.Generator().manual_seed(seed + epoch))
 
     return make_loader
 

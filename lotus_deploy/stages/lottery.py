@@ -262,31 +262,6 @@ def _eval_on_tickets(state, table, forward=None):
     return {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "images": r["images"]}
 
 
-def _ticket_loader(dataset, seed: int, epoch: int, batch_size: int, workers: int):
-    """Shuffled loader of ``dataset`` (ticket rows) in the order ``seed + epoch`` draws.
-
-    In a distributed run this rank's share of every global batch, as
-    :meth:`lotus_deploy.data.DataBundle.train_loader` shards the training split (a
-    DistributedSampler with the same permutation, ``batch_size / world size`` images per rank);
-    written here because that method shards only the bundle's own split.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from lotus_deploy import distributed as dist
-
-    g = torch.Generator().manual_seed(seed + epoch)
-    if not dist.active():
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, num_workers=workers)
-    from torch.utils.data.distributed import DistributedSampler
-
-    from lotus_deploy.data import per_rank_batch
-
-    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=per_rank_batch(batch_size), sampler=sampler, generator=g, num_workers=workers)
-
-
 def _rank_seed(seed: int) -> int:
     """``seed`` for rank 0 and in one process; another seed on each other rank (its own random tickets online)."""
     from lotus_deploy import distributed as dist
@@ -482,6 +457,7 @@ def _eval_tickets(cfg, state, layout, teacher, seed: int):
 
 @register_stage(LotteryFinetune)
 def lottery_finetune(cfg: LotteryFinetune, state):
+    from lotus_deploy.data import shuffled_loader
     from lotus_deploy.prune.tickets import (
         SELECTIONS,
         TicketDataset,
@@ -531,7 +507,7 @@ def lottery_finetune(cfg: LotteryFinetune, state):
 
         def make_loader(epoch: int):
             t = table(epoch) if epoch > 0 and sel.redraws else table0
-            return _ticket_loader(TicketDataset(train_ds, t), seed + 1, epoch, bs, data.cfg.workers)  # distributed: this rank's share
+            return shuffled_loader(TicketDataset(train_ds, t), seed + 1, bs, epoch, data.cfg.workers)  # distributed: this rank's share
 
         steps_per_epoch = math.ceil(len(train_ds) / bs)
         forward = layout.forward(model)
