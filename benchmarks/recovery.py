@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "wall times are under whatever else ran on the machine (see the issue note)",
         "- " + standard_error_line(n),
         "",
-        "| criterion | pattern | distill | one-shot top-1 (%) | after 1 epoch (%) | Δ dense (points) | prune s | recover s |",
+        "| criterion | pattern | distill | one-shot top-1 (%) | after 1 epoch (%) | Δ dense (points) | prune stage s (with its eval) | recover stage s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     md += [f"| {r['criterion']} | {pattern_label(r['pattern'])} | {'yes' if r['distill'] else 'no'} | {r['one_shot_top1']:.2f} | "
