@@ -18,6 +18,10 @@ The rules the rest of lotus follows:
   into one :class:`PeerError` line naming the rank and its error.
 
 Low level on purpose: imports nothing of lotus but :mod:`lotus_deploy.errors` (torch inside functions).
+
+Tested here with gloo between CPU processes on one machine only. The NCCL path (``device: auto``
+-> ``cuda:LOCAL_RANK`` under torchrun) and several nodes are written against PyTorch's API and
+**untested on the development machines** (no GPU); ``benchmarks/gpu_check.sh`` runs them.
 """
 
 from __future__ import annotations
