@@ -325,7 +325,7 @@ def main() -> None:
     if a.scaling_worker:
         scaling_worker(a.threads, Path(a.worker_out))
         return
-    res: dict = {"machine": machine(), "command": "nice -n 19 python benchmarks/ddp.py " + " ".join(sys.argv[1:])}
+    res: dict = {"machine": machine(), "command": "python benchmarks/ddp.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="lotus-ddp-") as d:
         tmp = Path(d)
         if not a.skip_scaling:
