@@ -64,8 +64,9 @@ def run_arm(base: Path, arm_dir: Path, criterion: str, pattern: str, distill: bo
     raw["stages"] = raw["stages"][:1] + [prune_stage(criterion, pattern), recover_stage(distill, args.lr, args.backbone_lr)]
     raw.pop("bench", None)
     recipe = parse_recipe(raw, f"{base}/recipe.yaml + arm {criterion}:{pattern}:{'distill' if distill else 'plain'}")
-    done = (arm_dir / "manifest.json").is_file() and all(
-        e.get("status") == "done" for e in read_json(arm_dir / "manifest.json")["stages"]) and len(read_json(arm_dir / "manifest.json")["stages"]) == 3
+    manifest = arm_dir / "manifest.json"
+    entries = read_json(manifest)["stages"] if manifest.is_file() else []
+    done = len(entries) == 3 and all(e.get("status") == "done" for e in entries)
     if args.fresh or not done:
         if arm_dir.exists():
             shutil.rmtree(arm_dir)
