@@ -88,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--isp-learners", type=int, help="learners per round (default 5, the authors'; quick 2)")
     p.add_argument("--isp-fraction", type=float, help="data fraction per learner (default 0.1; quick 0.25)")
     p.add_argument("--isp-step", type=float, help="fraction of remaining weights a learner prunes per round (default 0.1; quick 0.3)")
+    p.add_argument("--stop-within", type=float, default=0.05, help="plan rounds until within this of the target; the rest is pruned one-shot (0: the last round reaches the target)")
     p.add_argument("--main-fraction", type=float, default=0.5, help="data fraction the main model trains on per round (ISP's iter_training_ratio)")
     p.add_argument("--issp-fraction", type=float, default=0.1, help="ISSP: data fraction of its one model (LOTUS: 10%%)")
     p.add_argument("--round-eval-images", type=int, help="eval images for per-round accuracies (default 500; full all; quick 32)")
@@ -162,7 +163,7 @@ def soup_stage(args, target: float, combine: str, length: dict) -> dict:
         "kind": "instant_soup", "name": "issp" if levels else "isp", "sparsity": target, "combine": combine,
         "start": "knee" if levels or args.start == "knee" else "input",
         "learners": 1 if levels else args.isp_learners, "data_fraction": args.issp_fraction if levels else args.isp_fraction,
-        "step": args.isp_step, "stop_within": 0.05, "main_fraction": args.main_fraction, "main_epochs": 1.0,
+        "step": args.isp_step, "stop_within": args.stop_within, "main_fraction": args.main_fraction, "main_epochs": 1.0,
         "warmup": 0.1, "schedule": "cosine", "eval_rounds": True, "eval_images": args.round_eval_images, **TRAIN, **length,
     }
 
@@ -545,7 +546,7 @@ def protocol(args, res: dict) -> list[str]:
         "(own seed) with a fresh AdamW warmed up linearly from zero over its steps, then pruned by "
         f"{args.isp_step:g} of the remaining weights (global magnitude); union of their masks; the main model trains on "
         f"{args.main_fraction:g} of the data per round with ONE AdamW and ONE schedule (10% warm-up then cosine) over all its round "
-        "steps and the fine-tune; rounds planned until within 0.05 of the target, the rest pruned one-shot.",
+        f"steps and the fine-tune; rounds planned until within {args.stop_within:g} of the target, the rest pruned one-shot.",
         f"LOTUS ISSP (`union_levels`): knee prune; one model trained on {args.issp_fraction:g} of the data; masks at 3 levels evenly "
         "spaced from the knee to the target; union; the main model trains as in ISP; rest one-shot; fine-tune.",
         f"(a) equal cost: every arm sees {'`--budget-images`' if args.budget_images else 'as many images as ISP under (b)'} after the "

@@ -48,6 +48,12 @@ def test_plan_lengths(kw, rounds, main_steps, finetune_steps, reaches):
     assert plan.reaches_target == reaches
 
 
+def test_plan_with_stop_within_zero_ends_its_last_round_at_the_target():
+    plan = soup.plan_soup(_cfg(stop_within=0.0), start=0.2, target=0.6, n_train=200, batch_size=32, learners=2, max_rounds=50)
+    assert plan.starts == pytest.approx((0.2, 0.36, 0.488, 0.5904)) and plan.reaches_target
+    assert soup.round_target(plan.starts[-1], 0.2, 0.6) == 0.6  # the fourth round's goal is capped at the target
+
+
 def test_plan_without_rounds_when_the_start_is_near_the_target():
     plan = soup.plan_soup(_cfg(), start=0.58, target=0.6, n_train=200, batch_size=32, learners=2, max_rounds=50)
     assert plan.rounds == 0 and plan.main_total_steps == plan.finetune_steps == 7
