@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     env = out["environment"]
-    md = [f"# A little more one-shot pruning on the soup's model, and the round-evaluation subset\n",
+    md = ["# A little more one-shot pruning on the soup's model, and the round-evaluation subset\n",
           f"Measured {out['date']} on {env.get('cpu', '?')} ({args.threads} torch thread(s)), torch {env.get('torch', '?')}, "
           f"timm {env.get('timm', '?')}; {out['wall_s']:.0f} s. Command: `{out['command']}`. Run: `{args.run}`.\n",
           f"## Top-1 on the {args.round_eval_images} strided round-evaluation images and on all {len(ds)}\n",
