@@ -21,13 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, results_header
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of fractions: {text!r}") from None
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a finished arm folder with an instant_soup stage")
-    p.add_argument("--extra", default="0,0.0017,0.0152,0.0324", help="comma-separated fractions of the scope to prune on top")
+    p.add_argument("--extra", type=_fractions, default="0,0.0017,0.0152,0.0324", help="comma-separated fractions of the scope to prune on top")
     p.add_argument("--round-eval-images", type=int, default=500, help="the soup's strided round-evaluation images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -37,9 +44,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for f in ("recipe.yaml", "manifest.json"):
+        if not (args.run / f).is_file():
+            print(f"{args.run}: {f}: not found (expected a finished arm folder of benchmarks/sparsity_soup.py)", file=sys.stderr)
+            return 2
     import torch
     import yaml
-    from safetensors.torch import load_file
     from torch.utils.data import DataLoader, Subset
 
     from lotus_deploy.data import build_data
@@ -49,7 +59,7 @@ def main(argv=None) -> int:
     from lotus_deploy.prune.magnitude import prune_masks
     from lotus_deploy.prune.soup import strided
     from lotus_deploy.recipe import parse_recipe
-    from lotus_deploy.run import environment, now_iso
+    from lotus_deploy.run import load_checkpoint
     from lotus_deploy.train import evaluate
 
     torch.set_num_threads(args.threads)
@@ -60,8 +70,6 @@ def main(argv=None) -> int:
     if soup_i is None or entries[soup_i]["status"] != "done":
         print(f"{args.run}: recipe.yaml: stages: no finished instant_soup stage", file=sys.stderr)
         return 2
-    soup_dir = args.run / "stages" / f"{soup_i + 1:02d}_{recipe.stages[soup_i].name}"
-    dense_dir = args.run / "stages" / f"01_{recipe.stages[0].name}"
     scope = recipe.stages[soup_i].scope
     target = recipe.stages[soup_i].sparsity
 
@@ -76,13 +84,12 @@ def main(argv=None) -> int:
         return evaluate(model, loader, cpu, desc="eval")["top1"]
 
     readings = []
-    for label, folder in (("dense", dense_dir), ("soup, after its fine-tune", soup_dir)):
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+    for label, entry in (("dense", entries[0]), ("soup, after its fine-tune", entries[soup_i])):
+        masks = load_checkpoint(args.run, entry, model, cpu)  # sha256-checked; the soup's masks last
         readings.append({"model": label, "all": top1(full), "strided": top1(sub)})
-    masks = load_file(soup_dir / "masks.safetensors")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
-    for extra in [float(x) for x in args.extra.split(",") if x]:
+    for extra in args.extra:
         model.load_state_dict(base)
         new = prune_masks(model, scope, target + extra, "global", masks)
         apply_masks_(model, new)
@@ -90,8 +97,7 @@ def main(argv=None) -> int:
         rows.append({"extra": extra, "sparsity": mask_sparsity(new), "top1": top1(full),
                      "layers_lost_most": [{"layer": k, "fraction": round(d, 4)} for d, k in lost]})
 
-    out = {"date": now_iso(), "run": str(args.run), "command": "python benchmarks/soup_remainder.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "environment": environment(), "eval_images": len(ds), "round_eval_images": args.round_eval_images,
+    out = {**results_header("soup_remainder.py", argv), "run": str(args.run), "eval_images": len(ds), "round_eval_images": args.round_eval_images,
            "readings": readings, "remainder": rows, "wall_s": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
