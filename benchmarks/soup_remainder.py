@@ -16,7 +16,6 @@ Results: ``benchmarks/results/<name>.md`` and ``.json``. One torch thread unless
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from lotus_deploy.data import build_data
-    from lotus_deploy.files import read_json
+    from lotus_deploy.files import read_json, write_json, write_text
     from lotus_deploy.masks import apply_masks_, mask_sparsity
     from lotus_deploy.models import build_model, input_spec
     from lotus_deploy.prune.magnitude import prune_masks
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     out = {**results_header("soup_remainder.py", argv), "run": str(args.run), "eval_images": len(ds), "round_eval_images": args.round_eval_images,
            "readings": readings, "remainder": rows, "wall_s": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out / f"{args.name}.json", out)
     env = out["environment"]
     md = ["# A little more one-shot pruning on the soup's model, and the round-evaluation subset\n",
           f"Measured {out['date']} on {env.get('cpu', '?')} ({args.threads} torch thread(s)), torch {env.get('torch', '?')}, "
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
         delta = f"{r['top1'] - t_base:+.2f}" if t_base is not None else "—"
         lost = ", ".join(f"`{x['layer']}` {x['fraction']:.3f}" for x in r["layers_lost_most"])
         md.append(f"| {r['extra']:g} | {r['sparsity']:.4f} | {r['top1']:.2f} | {delta} | {lost} |")
-    (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    write_text(args.out / f"{args.name}.md", "\n".join(md) + "\n")
     print(f"results: {args.out / (args.name + '.md')}")
     return 0
 
