@@ -1,4 +1,4 @@
-"""Instant Soup Pruning as its authors run it against one-shot pruning, under two cost protocols (issue 15).
+"""Instant Soup Pruning as its authors run it against one-shot pruning, under two (or three) cost protocols (issue 15).
 
 Runs the reference benchmark of ``../shared/REFERENCE.md`` (CIFAR-10, DINOv2 ViT-S/14 at 112 px)
 through ``lotus_deploy.pipeline.compress`` and writes a results table with its protocol to
@@ -26,7 +26,11 @@ each round, the fine-tune getting what the rounds left of one budget) are not re
        soups' fine-tune gets what their rounds leave), else ISP's own total under (b) (the one-
        shot fine-tune is lengthened to it, ISSP's fine-tune gets what its round leaves);
    (b) ISP's own: every arm gets the same fine-tune (``--finetune-epochs``); the soups' rounds
-       are extra cost, reported in images and wall time.
+       are extra cost, reported in images and wall time;
+   (c) the authors' accounting (``--protocol all`` or ``a,b,c``): the authors' ``isp_all.py``
+       counts epochs of the main model only (its per-round share of the data, then the remaining
+       epochs of fine-tuning); the learners come on top. The one-shot arm fine-tunes with as
+       many images as ISP's main model sees (round segments + fine-tune); ISP's arm is (b)'s.
 4. Early bird (``--early-bird``): where the dense run drew the ticket, and a model pruned with the
    ticket then fine-tuned, against the final mask fine-tuned the same way.
 
@@ -66,15 +70,18 @@ from _common import (
 TRAIN = {"lr": 1e-3, "backbone_lr": 3e-5, "weight_decay": 0.05, "label_smoothing": 0.1}  # REFERENCE.md
 METHODS = ("oneshot", "isp", "issp")
 NAMES = {"oneshot": "one-shot + fine-tune", "isp": "ISP (union)", "issp": "LOTUS ISSP (union_levels)"}
-PROTOCOLS = {"a": "(a) equal cost", "b": "(b) ISP's own"}
+PROTOCOLS = {"a": "(a) equal cost", "b": "(b) ISP's own", "c": "(c) authors' accounting"}
+PROTOCOL_SETS = {"both": ["a", "b"], "all": ["a", "b", "c"]}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: 128 train / 64 eval images at 56 px, a tiny soup")
     p.add_argument("--full", action="store_true", help="all 50,000 train / 10,000 test images (for a GPU)")
-    p.add_argument("--protocol", choices=["a", "b", "both"], default="both",
-                   help="a: equal cost (same images seen after the dense model); b: ISP's own (same fine-tune, rounds as extra cost); both")
+    p.add_argument("--protocol", default="both",
+                   help="comma-separated: a: equal cost (same images seen after the dense model); b: ISP's own (same fine-tune, "
+                        "rounds as extra cost); c: the authors' accounting (one-shot fine-tunes as long as ISP's main model trains, "
+                        "learners extra); both = a,b; all = a,b,c")
     p.add_argument("--start", choices=["dense", "knee"], help="ISP's rounds start from the dense model or the sweep's knee (default dense, the authors'; ISSP always starts at the knee)")
     p.add_argument("--isp-start", dest="start", choices=["dense", "knee"], help=argparse.SUPPRESS)  # the former name
     p.add_argument("--train-subset", type=int, help="default 5000 (quick 128)")
@@ -124,7 +131,10 @@ def parse_args(argv=None):
     a.eb_window = pick(a.eb_window, 5, 3)
     a.start = a.start or "dense"
     a.targets = [float(x) for x in a.targets.split(",") if x]
-    a.protocols = ["a", "b"] if a.protocol == "both" else [a.protocol]
+    a.protocols = PROTOCOL_SETS.get(a.protocol) or [x for x in PROTOCOLS if x in a.protocol.split(",")]
+    bad = set(a.protocol.split(",")) - set(PROTOCOLS) if a.protocol not in PROTOCOL_SETS else set()
+    if bad or not a.protocols:
+        p.error(f"--protocol {a.protocol!r}: unknown {sorted(bad) or 'empty'}; allowed: a, b, c (comma-separated), both, all")
     a.skip = {x for x in a.skip.split(",") if x}
     unknown = a.skip - set(METHODS)
     if unknown:
@@ -287,7 +297,7 @@ def run_target(args, arms: Arms) -> dict:
     row: dict = {"target": arms.target, **{m: {} for m in METHODS if m not in args.skip}}
     ft_steps = finetune_steps(args, arms.n_train)
     own = None  # ISP under (b): its total sets (a)'s budget when --budget-images is not given
-    if "isp" not in args.skip and ("b" in args.protocols or args.budget_images is None):
+    if "isp" not in args.skip and ("b" in args.protocols or "c" in args.protocols or args.budget_images is None):
         own = arms.soup("union", {"finetune_epochs": args.finetune_epochs})
         if "b" in args.protocols:
             row["isp"]["b"] = own
@@ -302,6 +312,13 @@ def run_target(args, arms: Arms) -> dict:
             row["oneshot"]["a"] = arms.oneshot(steps_within(budget, args.batch, arms.n_train))
         if "issp" not in args.skip:
             row["issp"]["a"] = arms.soup("union_levels", {"budget_images": budget})
+    if "c" in args.protocols:
+        if own is None:
+            raise SystemExit("--protocol c needs the ISP arm (drop isp from --skip)")
+        row["isp"]["c"] = own
+        row["budget_images_c"] = own["images_seen"]["main"] + own["images_seen"]["finetune"]
+        if "oneshot" not in args.skip:
+            row["oneshot"]["c"] = arms.oneshot(steps_within(row["budget_images_c"], args.batch, arms.n_train))
     if "b" in args.protocols:
         if "oneshot" not in args.skip:
             row["oneshot"]["b"] = arms.oneshot(ft_steps)
@@ -416,7 +433,7 @@ def goals(res: dict) -> dict:
     """ISP at 60 % against one-shot + fine-tune at 60 %, per protocol (goal: ISP ≥ one-shot)."""
     out: dict = {}
     t60 = res["targets"].get("60", {})
-    for p in ("a", "b"):
+    for p in PROTOCOLS:
         isp, one = t60.get("isp", {}).get(p), t60.get("oneshot", {}).get(p)
         if isp and one:
             diff = isp["top1"] - one["top1"]
@@ -440,7 +457,7 @@ def _cells(row: dict | None, base: dict | None) -> list[str]:
 def markdown(args, res: dict) -> str:  # noqa: C901
     env, sw = res["environment"], res["sweep"]
     L = [
-        "# Instant Soup Pruning as its authors run it, against one-shot pruning: two cost protocols"
+        "# Instant Soup Pruning as its authors run it, against one-shot pruning: cost protocols side by side"
         + (" (QUICK SMOKE RUN: numbers mean nothing)" if args.quick else ""),
         "",
         f"Measured {res['date']} on {env.get('gpu') or env['cpu']} ({env['torch_threads']} torch threads), torch {env['torch']}, "
@@ -454,7 +471,9 @@ def markdown(args, res: dict) -> str:  # noqa: C901
         "## The protocols side by side",
         "",
         "(a) equal cost: every arm sees the same training images after the dense model (rounds + fine-tune); "
-        "(b) ISP's own: every arm gets the same fine-tune, the soups' rounds are extra. Images: total (rounds + fine-tune); "
+        "(b) ISP's own: every arm gets the same fine-tune, the soups' rounds are extra; (c) the authors' accounting (where run): "
+        "the one-shot fine-tune is as long as ISP's main model trains (its round segments + its fine-tune), the learners are extra. "
+        "Images: total (rounds + fine-tune); "
         "wall: the arm's own stages (prune, soup, fine-tune), rounds: the soup rounds' part.",
         "",
         "| target | method | " + " | ".join(f"{PROTOCOLS[p]}: {c}" for p in args.protocols
@@ -472,6 +491,11 @@ def markdown(args, res: dict) -> str:  # noqa: C901
         if "budget_images" in row:
             L.append(f"- (a) at {row['target']:.2f}: {row['budget_images']:,} images per arm"
                      + (" (`--budget-images`)." if args.budget_images else " (ISP's total under (b))."))
+        if "budget_images_c" in row:
+            isp = row["isp"]["c"]["images_seen"]
+            L.append(f"- (c) at {row['target']:.2f}: the one-shot fine-tune gets {row['budget_images_c']:,} images, as many as ISP's "
+                     f"main model ({isp['main']:,} in rounds + {isp['finetune']:,} fine-tune); ISP's learners ({isp['learners']:,} "
+                     "images) are extra.")
         for m in ("isp", "issp"):
             b, one = row.get(m, {}).get("b"), row.get("oneshot", {}).get("b")
             if b and one:
@@ -519,7 +543,7 @@ def markdown(args, res: dict) -> str:  # noqa: C901
               "", f"Both fine-tuned with {arms['recovery_images']:,} images after pruning; ticket reproduced: {arms['ticket']['ticket_reproduced']}.", ""]
     g = res["goals"]
     L += ["## Goals", ""]
-    for p in ("a", "b"):
+    for p in PROTOCOLS:
         x = g.get(f"isp_vs_oneshot_60_{p}")
         if x:
             L.append(f"- {PROTOCOLS[p]}: ISP at 60% − one-shot + fine-tune at 60%: {x['points']:+.2f} points (goal ≥ 0): "
@@ -552,7 +576,10 @@ def protocol(args, res: dict) -> list[str]:
         f"(a) equal cost: every arm sees {'`--budget-images`' if args.budget_images else 'as many images as ISP under (b)'} after the "
         "dense model (learners, main-model rounds and fine-tune count; a one-shot fine-tune takes the most whole steps within it, "
         f"a soup's fine-tune what its planned rounds leave). (b) ISP's own: every fine-tune is {args.finetune_epochs:g} epoch(s) "
-        "over the training subset; the rounds are extra.",
+        "over the training subset; the rounds are extra."
+        + (" (c) the authors' accounting (their `isp_all.py` counts the main model's epochs: its per-round share of the data "
+           "and the remaining fine-tune epochs; learners come on top): the one-shot arm fine-tunes with as many images as ISP's "
+           "main model sees in its rounds and fine-tune (the most whole steps within it); the ISP arm is (b)'s." if "c" in args.protocols else ""),
         f"Per-round accuracies on {args.round_eval_images or 'all'} eval images (strided); every final accuracy on all "
         f"{args.eval_subset or 10000} eval images. Wall times are of one session on one machine; compare them as ratios.",
         standard_error_line(args.eval_subset or 10000),
