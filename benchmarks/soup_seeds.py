@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-from _common import ROOT
+from _common import ROOT, results_header
 
 PROTOCOLS = {"a": "(a) equal cost", "b": "(b) ISP's own", "c": "(c) authors' accounting"}
 FREE = {"seed", "work", "out", "name", "dense_from", "workers", "device", "fresh"}  # may differ between the runs
@@ -159,8 +159,6 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     from lotus_deploy.files import write_json, write_text
-
-    from _common import results_header
 
     summary = summarize(runs)
     res = {**results_header("soup_seeds.py", argv), "target": args.target, "summary": summary,
