@@ -49,17 +49,22 @@ def reference_recipe(args, name: str) -> dict:
     }
 
 
-def results_header(script: str, argv: list[str] | None) -> dict:
-    """Date (UTC), the command line, the environment and the weights' sha256 of a results file."""
+def results_header(script: str, argv: list[str] | None, weights: bool = True) -> dict:
+    """Date (UTC), the command line, the environment and (``weights``) the weights' sha256 of a results file.
+
+    ``weights=False`` for a script that only reads other results files (they carry the hash).
+    """
     from lotus_deploy.files import sha256_file
     from lotus_deploy.run import environment
 
-    return {
+    head = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(),
-        "weights_sha256": sha256_file(DINOV2),
     }
+    if weights:
+        head["weights_sha256"] = sha256_file(DINOV2)
+    return head
 
 
 def standard_error_line(eval_images: int, top1: float = 85.0) -> str:

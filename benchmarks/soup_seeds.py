@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
 from _common import ROOT, results_header
+from sparsity_soup import PROTOCOLS
 
-PROTOCOLS = {"a": "(a) equal cost", "b": "(b) ISP's own", "c": "(c) authors' accounting"}
 FREE = {"seed", "work", "out", "name", "dense_from", "workers", "device", "fresh"}  # may differ between the runs
 
 
@@ -60,7 +61,7 @@ def load(path: Path, target: str) -> dict:
     for p in PROTOCOLS:
         isp, one = row.get("isp", {}).get(p), row.get("oneshot", {}).get(p)
         if isp and one:
-            arms[p] = (isp["top1"], one["top1"], isp["images_total"], one["images_total"])
+            arms[p] = (isp["top1"], one["top1"])
     if not arms:
         raise InputError(f"{path}: targets.{target}: no protocol with both ISP and one-shot")
     isp_any = next(iter(row["isp"].values()))
@@ -80,18 +81,11 @@ def check_same(runs: list[dict]) -> None:
         for k in sorted(set(first["args"]) | set(r["args"])):
             if k not in FREE and first["args"].get(k) != r["args"].get(k):
                 raise InputError(f"{r['path']}: args.{k}: {r['args'].get(k)!r}, but {first['path']} has {first['args'].get(k)!r}")
-    seeds = [r["seed"] for r in runs]
-    dup = sorted({s for s in seeds if seeds.count(s) > 1})
-    if dup:
-        raise InputError(f"{runs[seeds.index(dup[0], seeds.index(dup[0]) + 1)]['path']}: args.seed: seed {dup[0]} given twice")
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for one value)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    seen = set()
+    for r in runs:
+        if r["seed"] in seen:
+            raise InputError(f"{r['path']}: args.seed: seed {r['seed']} given twice")
+        seen.add(r["seed"])
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -102,9 +96,9 @@ def summarize(runs: list[dict]) -> dict:
         if not have:
             continue
         diffs = [r["arms"][p][0] - r["arms"][p][1] for r in have]
-        mean, sd = mean_sd(diffs)
+        mean, sd = statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None)
         n, images = len(have), have[0]["eval_images"]
-        isp_m, one_m = mean_sd([r["arms"][p][0] for r in have])[0], mean_sd([r["arms"][p][1] for r in have])[0]
+        isp_m, one_m = statistics.fmean(r["arms"][p][0] for r in have), statistics.fmean(r["arms"][p][1] for r in have)
         acc = (isp_m + one_m) / 200
         binom = 100 * math.sqrt(2 * acc * (1 - acc) / images / n)  # of the mean difference, from eval sampling alone
         out[p] = {"seeds": [r["seed"] for r in have], "isp_mean": isp_m, "oneshot_mean": one_m, "diff_per_seed": diffs,
@@ -161,7 +155,7 @@ def main(argv=None) -> int:
     from lotus_deploy.files import write_json, write_text
 
     summary = summarize(runs)
-    res = {**results_header("soup_seeds.py", argv), "target": args.target, "summary": summary,
+    res = {**results_header("soup_seeds.py", argv, weights=False), "target": args.target, "summary": summary,
            "runs": [{k: v for k, v in r.items() if k != "args"} for r in runs], "args": runs[0]["args"]}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{args.name}.json", res)
